@@ -1,0 +1,20 @@
+//! The analyzer of autopar: the graph IR, its importers, the training-graph builder and the
+//! meta-shape profiler. See ARCHITECTURE.md for where it sits in the pipeline.
+
+pub mod builder;
+pub mod dtype;
+pub mod entity;
+pub mod error;
+pub mod eval;
+pub mod graph;
+pub mod ops;
+pub mod tensor;
+pub mod text;
+pub mod verify;
+
+pub use builder::GraphBuilder;
+pub use dtype::{DType, TensorType};
+pub use error::{AnalyzerError, OpError};
+pub use graph::{Graph, NodeId, Phase, ValueDef, ValueId, WeightData};
+pub use ops::Op;
+pub use tensor::Tensor;

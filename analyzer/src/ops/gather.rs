@@ -1,0 +1,32 @@
+//! `gather` op. PLACEHOLDER: semantics to be implemented.
+
+use super::*;
+use crate::dtype::TensorType;
+use crate::error::OpError;
+use crate::graph::ValueId;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// ONNX Gather: `out = data.take(indices, axis)`; inputs `data, indices` (integer, negative
+/// indices count from the end). Output shape `data[..axis] ++ indices ++ data[axis+1..]`.
+pub struct Gather {
+    pub axis: usize,
+}
+
+impl OpSpec for Gather {
+    fn infer(&self, _inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
+        Err(OpError::new("gather: not implemented yet"))
+    }
+    fn dims(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> DimMap {
+        DimMap::opaque(inputs, outputs)
+    }
+    fn cost(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> Cost {
+        Cost::data_movement(inputs, outputs)
+    }
+    fn vjp(&self, _cx: &mut VjpCtx<'_>) -> Result<Vec<Option<ValueId>>, OpError> {
+        Err(OpError::new("gather: not implemented yet"))
+    }
+    fn eval(&self, _inputs: &[&Tensor]) -> Result<Vec<Tensor>, OpError> {
+        Err(OpError::new("gather: not implemented yet"))
+    }
+}

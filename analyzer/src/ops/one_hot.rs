@@ -1,0 +1,33 @@
+//! `one_hot` op. PLACEHOLDER: semantics to be implemented.
+
+use super::*;
+use crate::dtype::TensorType;
+use crate::error::OpError;
+use crate::graph::ValueId;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// ONNX OneHot: inputs `indices, values` (values = `[off, on]`); a new axis of size `depth`
+/// inserted at `axis` of the output.
+pub struct OneHot {
+    pub depth: usize,
+    pub axis: usize,
+}
+
+impl OpSpec for OneHot {
+    fn infer(&self, _inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
+        Err(OpError::new("one_hot: not implemented yet"))
+    }
+    fn dims(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> DimMap {
+        DimMap::opaque(inputs, outputs)
+    }
+    fn cost(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> Cost {
+        Cost::data_movement(inputs, outputs)
+    }
+    fn vjp(&self, _cx: &mut VjpCtx<'_>) -> Result<Vec<Option<ValueId>>, OpError> {
+        Err(OpError::new("one_hot: not implemented yet"))
+    }
+    fn eval(&self, _inputs: &[&Tensor]) -> Result<Vec<Tensor>, OpError> {
+        Err(OpError::new("one_hot: not implemented yet"))
+    }
+}

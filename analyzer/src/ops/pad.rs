@@ -1,0 +1,32 @@
+//! `pad` op. PLACEHOLDER: semantics to be implemented.
+
+use super::*;
+use crate::dtype::TensorType;
+use crate::error::OpError;
+use crate::graph::ValueId;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Constant padding: `pads[d] = [before, after]` for every dim.
+pub struct Pad {
+    pub pads: Vec<[usize; 2]>,
+    pub value: f64,
+}
+
+impl OpSpec for Pad {
+    fn infer(&self, _inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
+        Err(OpError::new("pad: not implemented yet"))
+    }
+    fn dims(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> DimMap {
+        DimMap::opaque(inputs, outputs)
+    }
+    fn cost(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> Cost {
+        Cost::data_movement(inputs, outputs)
+    }
+    fn vjp(&self, _cx: &mut VjpCtx<'_>) -> Result<Vec<Option<ValueId>>, OpError> {
+        Err(OpError::new("pad: not implemented yet"))
+    }
+    fn eval(&self, _inputs: &[&Tensor]) -> Result<Vec<Tensor>, OpError> {
+        Err(OpError::new("pad: not implemented yet"))
+    }
+}

@@ -1,0 +1,32 @@
+//! `softmax` op. PLACEHOLDER: semantics to be implemented.
+
+use super::*;
+use crate::dtype::TensorType;
+use crate::error::OpError;
+use crate::graph::ValueId;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Softmax (or log-softmax when `log`) along `axis`.
+pub struct Softmax {
+    pub axis: usize,
+    pub log: bool,
+}
+
+impl OpSpec for Softmax {
+    fn infer(&self, _inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
+        Err(OpError::new("softmax: not implemented yet"))
+    }
+    fn dims(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> DimMap {
+        DimMap::opaque(inputs, outputs)
+    }
+    fn cost(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> Cost {
+        Cost::data_movement(inputs, outputs)
+    }
+    fn vjp(&self, _cx: &mut VjpCtx<'_>) -> Result<Vec<Option<ValueId>>, OpError> {
+        Err(OpError::new("softmax: not implemented yet"))
+    }
+    fn eval(&self, _inputs: &[&Tensor]) -> Result<Vec<Tensor>, OpError> {
+        Err(OpError::new("softmax: not implemented yet"))
+    }
+}

@@ -1,0 +1,31 @@
+//! `transpose` op. PLACEHOLDER: semantics to be implemented.
+
+use super::*;
+use crate::dtype::TensorType;
+use crate::error::OpError;
+use crate::graph::ValueId;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Permutes dims: output dim `i` is input dim `perm[i]`.
+pub struct Transpose {
+    pub perm: Vec<usize>,
+}
+
+impl OpSpec for Transpose {
+    fn infer(&self, _inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
+        Err(OpError::new("transpose: not implemented yet"))
+    }
+    fn dims(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> DimMap {
+        DimMap::opaque(inputs, outputs)
+    }
+    fn cost(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> Cost {
+        Cost::data_movement(inputs, outputs)
+    }
+    fn vjp(&self, _cx: &mut VjpCtx<'_>) -> Result<Vec<Option<ValueId>>, OpError> {
+        Err(OpError::new("transpose: not implemented yet"))
+    }
+    fn eval(&self, _inputs: &[&Tensor]) -> Result<Vec<Tensor>, OpError> {
+        Err(OpError::new("transpose: not implemented yet"))
+    }
+}

@@ -1,0 +1,1 @@
+//! Per-rank program generator (issue 4). Not yet implemented.

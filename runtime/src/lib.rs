@@ -1,0 +1,1 @@
+//! tch runtime (issue 4). Not yet implemented.

@@ -1,0 +1,1 @@
+//! autopar: the pipeline as a library.
