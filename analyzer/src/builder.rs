@@ -198,20 +198,20 @@ impl GraphBuilder {
     }
 
     /// Adds a single-output node (or takes the first output).
-    pub fn add1(
+    pub fn node1(
         &mut self,
         op: impl Into<Op>,
         inputs: &[ValueId],
     ) -> Result<ValueId, AnalyzerError> {
-        let outs = self.add(op, inputs)?;
+        let outs = self.node(op, inputs)?;
         outs.first()
             .copied()
             .ok_or_else(|| AnalyzerError::Other("op produced no output".into()))
     }
 
-    /// Like [`add1`](Self::add1) for use inside a vjp (error kept as an `OpError`).
+    /// Like [`node1`](Self::node1) for use inside a vjp (error kept as an `OpError`).
     pub fn emit(&mut self, op: impl Into<Op>, inputs: &[ValueId]) -> Result<ValueId, OpError> {
-        self.add1(op, inputs).map_err(|e| OpError(e.to_string()))
+        self.node1(op, inputs).map_err(|e| OpError(e.to_string()))
     }
     /// All outputs, inside a vjp.
     pub fn emit_n(
@@ -219,7 +219,7 @@ impl GraphBuilder {
         op: impl Into<Op>,
         inputs: &[ValueId],
     ) -> Result<Vec<ValueId>, OpError> {
-        self.add(op, inputs).map_err(|e| OpError(e.to_string()))
+        self.node(op, inputs).map_err(|e| OpError(e.to_string()))
     }
 
     /// Zeros of `ty`: a scalar constant broadcast by an `expand` node.

@@ -175,7 +175,7 @@ impl OpSpec for Einsum {
 
 impl crate::builder::GraphBuilder {
     pub fn einsum(&mut self, equation: &str, operands: &[ValueId]) -> Result<ValueId, AnalyzerError> {
-        self.add1(Einsum::new(equation), operands)
+        self.node1(Einsum::new(equation), operands)
     }
     /// `x[..., k] @ w[k, n]`: a linear layer's matmul over any number of leading dims.
     pub fn matmul(&mut self, x: ValueId, w: ValueId) -> Result<ValueId, AnalyzerError> {

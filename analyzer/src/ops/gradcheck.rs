@@ -67,7 +67,7 @@ pub fn check(op: impl Into<Op>, inputs: &[Tensor], tol: f64) {
         .enumerate()
         .map(|(i, t)| b.input(format!("x{i}"), t.ty()))
         .collect();
-    let outs_v = b.add(op.clone(), &ins).expect("add op");
+    let outs_v = b.node(op.clone(), &ins).expect("add op");
     let node = crate::graph::NodeId(0);
     let grads: Vec<Option<ValueId>> = weights
         .iter()
