@@ -137,7 +137,7 @@ impl GraphBuilder {
     }
 
     /// Adds a node, inferring its output types. Errors name the node and its op.
-    pub fn add(
+    pub fn node(
         &mut self,
         op: impl Into<Op>,
         inputs: &[ValueId],
