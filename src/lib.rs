@@ -1,1 +1,218 @@
-//! autopar: the pipeline as a library.
+//! autopar: an automatic parallelism compiler for deep-learning training.
+//!
+//! This crate is the pipeline as a library; the `autopar` binary is a thin layer over it.
+//! Today it covers the analyzer stages: [`load_model`] (a built-in name, an ONNX file),
+//! [`build_training`] (forward + loss + backward) and [`inspect`] (the meta-shape profile of a
+//! training step). See ARCHITECTURE.md for the stages that follow (solver, generator, runtime).
+
+pub use autopar_analyzer as analyzer;
+pub use autopar_models as models;
+
+use analyzer::onnx::{ImportOptions, InputOverride};
+use analyzer::profile::Profile;
+use analyzer::train::{DTypePolicy, LossSpec, Optimizer, TrainOptions, TrainingGraph};
+use analyzer::{AnalyzerError, Graph, ValueId};
+use models::{ModelError, Overrides};
+use serde::Serialize;
+use std::path::Path;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Analyzer(#[from] AnalyzerError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Options that do not fit the model (named in the message).
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Where a model comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelSource {
+    Builtin,
+    Onnx,
+}
+
+/// How the training loss is chosen.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LossChoice {
+    /// The model's own loss (built-ins; ONNX exports with `SoftmaxCrossEntropyLoss` or an
+    /// output named `loss`); an error when it has none.
+    #[default]
+    Auto,
+    /// Mean cross entropy of the named output (logits `[.., C]`) against a new `labels` input.
+    CrossEntropy { output: String },
+    /// The mean of the named output.
+    Mean { output: String },
+}
+
+impl std::str::FromStr for LossChoice {
+    type Err = String;
+    /// `auto`, `ce:OUTPUT` or `mean:OUTPUT`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "auto" => Ok(LossChoice::Auto),
+            Some(("ce", o)) if !o.is_empty() => Ok(LossChoice::CrossEntropy { output: o.into() }),
+            Some(("mean", o)) if !o.is_empty() => Ok(LossChoice::Mean { output: o.into() }),
+            _ => Err(format!(
+                "bad loss {s:?}: expected auto, ce:OUTPUT or mean:OUTPUT"
+            )),
+        }
+    }
+}
+
+/// Options of [`load_model`] and [`build_training`].
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Built-in models: size and shape overrides (`batch`, `seq`, `layers`, ...).
+    pub overrides: Overrides,
+    /// Model files: input shapes (`--input NAME=8x1024:i64`).
+    pub inputs: Vec<InputOverride>,
+    /// Parameters whose name matches become frozen buffers.
+    pub frozen: Option<String>,
+    pub loss: LossChoice,
+}
+
+/// A forward graph with its loss, as loaded.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    /// The built-in name or the file path.
+    pub name: String,
+    pub source: ModelSource,
+    pub graph: Graph,
+    /// The model's own loss, if it has one.
+    pub loss: Option<ValueId>,
+}
+
+/// Loads a built-in model (`gpt2-medium`) or a model file (`model.onnx`).
+pub fn load_model(model: &str, opts: &LoadOptions) -> Result<LoadedModel, Error> {
+    if models::is_builtin(model) {
+        if !opts.inputs.is_empty() {
+            return Err(Error::Usage(format!(
+                "--input applies to model files; {model} is built in: use --batch, --seq and the size flags"
+            )));
+        }
+        let built = models::build(model, &opts.overrides)?;
+        return Ok(LoadedModel {
+            name: models::canonical_name(model).unwrap_or(model).to_string(),
+            source: ModelSource::Builtin,
+            graph: built.graph,
+            loss: Some(built.loss),
+        });
+    }
+    let path = Path::new(model);
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if opts.overrides != Overrides::default() {
+        return Err(Error::Usage(format!(
+            "--batch, --seq and the size flags apply to built-in models; for {model} set input shapes with --input NAME=DIMS[:dtype]"
+        )));
+    }
+    match ext.as_str() {
+        "onnx" => {
+            let imported = analyzer::onnx::import_onnx(path, &ImportOptions { input_overrides: opts.inputs.clone() })?;
+            Ok(LoadedModel { name: model.to_string(), source: ModelSource::Onnx, graph: imported.graph, loss: imported.loss })
+        }
+        "pt" | "pth" | "ts" => Err(Error::Usage(format!(
+            "{model}: TorchScript import is not available yet; export the model to ONNX (see README)"
+        ))),
+        _ if !path.exists() => Err(Error::Usage(format!(
+            "{model:?} is neither a built-in model ({}) nor an existing file",
+            models::builtin_names().join(", ")
+        ))),
+        _ => Err(Error::Usage(format!("{model}: unknown model file type (expected .onnx)"))),
+    }
+}
+
+/// Builds the training graph (forward + loss + backward) of a loaded model.
+pub fn build_training(model: &LoadedModel, opts: &LoadOptions) -> Result<TrainingGraph, Error> {
+    let find_output = |name: &str| -> Result<ValueId, Error> {
+        model
+            .graph
+            .outputs
+            .iter()
+            .copied()
+            .find(|&v| model.graph.value(v).name == name)
+            .or_else(|| model.graph.find_value(name))
+            .ok_or_else(|| {
+                let outs: Vec<String> = model
+                    .graph
+                    .outputs
+                    .iter()
+                    .map(|&v| model.graph.value(v).name.clone())
+                    .collect();
+                Error::Usage(format!(
+                    "{}: no output named {name:?} (outputs: {})",
+                    model.name,
+                    outs.join(", ")
+                ))
+            })
+    };
+    let loss = match &opts.loss {
+        LossChoice::Auto => match model.loss {
+            Some(l) => LossSpec::Given(l),
+            None => return Err(Error::Usage(format!(
+                "{}: the model has no loss; choose one with --loss ce:OUTPUT or --loss mean:OUTPUT",
+                model.name
+            ))),
+        },
+        LossChoice::CrossEntropy { output } => LossSpec::CrossEntropy {
+            logits: find_output(output)?,
+            labels_name: "labels".into(),
+        },
+        LossChoice::Mean { output } => LossSpec::MeanOfOutput(find_output(output)?),
+    };
+    let mut train = TrainOptions::new(loss);
+    if let Some(re) = &opts.frozen {
+        let re =
+            regex::Regex::new(re).map_err(|e| Error::Usage(format!("--frozen {re:?}: {e}")))?;
+        train = train.with_frozen(re);
+    }
+    Ok(analyzer::train::build_training_graph(&model.graph, &train)?)
+}
+
+/// What `autopar inspect` reports: the model, its training graph's size, and its profile.
+#[derive(Clone, Debug, Serialize)]
+pub struct InspectReport {
+    pub model: String,
+    pub source: ModelSource,
+    /// Forward nodes as loaded.
+    pub forward_nodes: usize,
+    /// Nodes of the training step (forward + backward).
+    pub nodes: usize,
+    pub params: usize,
+    pub flops_per_step: f64,
+    pub matmul_flops_per_step: f64,
+    pub activation_bytes: usize,
+    pub peak_memory_bytes: usize,
+    pub profile: Profile,
+}
+
+/// Profiles one training step of `model` (see [`analyzer::profile`]).
+pub fn inspect(
+    model: &LoadedModel,
+    opts: &LoadOptions,
+    optimizer: Optimizer,
+    policy: DTypePolicy,
+) -> Result<InspectReport, Error> {
+    let tg = build_training(model, opts)?;
+    let profile = analyzer::profile::profile(&tg, optimizer, policy);
+    Ok(InspectReport {
+        model: model.name.clone(),
+        source: model.source.clone(),
+        forward_nodes: model.graph.nodes.len(),
+        nodes: profile.num_nodes,
+        params: profile.params,
+        flops_per_step: profile.flops_per_step,
+        matmul_flops_per_step: profile.matmul_flops,
+        activation_bytes: profile.activation_bytes,
+        peak_memory_bytes: profile.peak_memory_bytes,
+        profile,
+    })
+}

@@ -1,1 +1,299 @@
-fn main() {}
+//! The `autopar` command line: a thin layer over the library's pipeline.
+
+use anyhow::{Context, Result};
+use autopar::analyzer::train::{DTypePolicy, Optimizer};
+use autopar::{LoadOptions, LossChoice};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "autopar",
+    version,
+    about = "Automatic parallelism compiler for deep-learning training"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Import a model, build its training step and print its meta-shape profile.
+    Inspect(InspectArgs),
+}
+
+/// How a model is chosen and shaped (shared by the commands that load one).
+#[derive(Args)]
+struct ModelArgs {
+    /// A built-in model (gpt2, gpt2-medium, llama-8b, resnet50, ...) or a model file (.onnx).
+    model: String,
+    /// Batch size (built-in models).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Sequence length (built-in language models).
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Number of layers (built-in models).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Hidden size (built-in models).
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Attention heads (built-in models).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Key/value heads for grouped-query attention (built-in LLaMA).
+    #[arg(long = "kv-heads")]
+    kv_heads: Option<usize>,
+    /// Feed-forward size (built-in models).
+    #[arg(long)]
+    ffn: Option<usize>,
+    /// Vocabulary size (built-in language models).
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Any other built-in config key, as KEY=VALUE (e.g. tie_embeddings=false); repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Shape (and dtype) of a model file's input: NAME=8x1024[:i64]; repeatable.
+    #[arg(long = "input", value_name = "NAME=DIMS[:DTYPE]")]
+    inputs: Vec<String>,
+    /// Freeze the parameters whose name matches this regex (no gradient, no optimizer state).
+    #[arg(long)]
+    frozen: Option<String>,
+    /// The training loss: auto (the model's own), ce:OUTPUT (cross entropy vs a new labels
+    /// input) or mean:OUTPUT.
+    #[arg(long, default_value = "auto")]
+    loss: String,
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+enum DTypeArg {
+    Fp32,
+    Bf16,
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+enum OptimizerArg {
+    Adamw,
+    Sgd,
+    SgdMomentum,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Precision policy: fp32, or bf16 mixed (bf16 compute, fp32 master weights and optimizer).
+    #[arg(long, value_enum, default_value = "fp32")]
+    dtype: DTypeArg,
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: OptimizerArg,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints the phases of long work on stderr when it is a terminal.
+struct Progress {
+    on: bool,
+    start: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            on: std::io::stderr().is_terminal(),
+            start: Instant::now(),
+        }
+    }
+    fn phase<T>(&mut self, what: &str, f: impl FnOnce() -> T) -> T {
+        if self.on {
+            eprint!("{what}...");
+        }
+        self.start = Instant::now();
+        let r = f();
+        if self.on {
+            eprintln!(" {:.2} s", self.start.elapsed().as_secs_f64());
+        }
+        r
+    }
+}
+
+fn load_options(a: &ModelArgs) -> Result<LoadOptions> {
+    let mut o = LoadOptions::default();
+    let sizes = [
+        ("batch", a.batch),
+        ("seq", a.seq),
+        ("layers", a.layers),
+        ("hidden", a.hidden),
+        ("heads", a.heads),
+        ("kv_heads", a.kv_heads),
+        ("ffn", a.ffn),
+        ("vocab", a.vocab),
+    ];
+    for (k, v) in sizes {
+        if let Some(v) = v {
+            o.overrides.set(k, &v.to_string())?;
+        }
+    }
+    for kv in &a.set {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+        o.overrides.set(k, v)?;
+    }
+    for i in &a.inputs {
+        o.inputs
+            .push(autopar::analyzer::onnx::parse_input_override(i)?);
+    }
+    o.frozen = a.frozen.clone();
+    o.loss = a.loss.parse::<LossChoice>().map_err(anyhow::Error::msg)?;
+    Ok(o)
+}
+
+fn human_bytes(b: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+fn human_flops(f: f64) -> String {
+    const UNITS: [&str; 6] = ["", "K", "M", "G", "T", "P"];
+    let mut v = f;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    format!("{v:.2} {}FLOP", UNITS[u])
+}
+
+fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn inspect(a: &InspectArgs) -> Result<()> {
+    let opts = load_options(&a.model)?;
+    let mut progress = Progress::new();
+    let model = progress.phase("loading model", || {
+        autopar::load_model(&a.model.model, &opts)
+    })?;
+    let policy = match a.dtype {
+        DTypeArg::Fp32 => DTypePolicy::Fp32,
+        DTypeArg::Bf16 => DTypePolicy::Bf16Mixed,
+    };
+    let optimizer = match a.optimizer {
+        OptimizerArg::Adamw => Optimizer::AdamW,
+        OptimizerArg::Sgd => Optimizer::Sgd { momentum: false },
+        OptimizerArg::SgdMomentum => Optimizer::Sgd { momentum: true },
+    };
+    let report = progress.phase("building and profiling the training step", || {
+        autopar::inspect(&model, &opts, optimizer, policy)
+    })?;
+    let p = &report.profile;
+    if a.json {
+        let json = serde_json::json!({
+            "model": report.model,
+            "source": report.source,
+            "dtype": policy,
+            "optimizer": optimizer,
+            "forward_nodes": report.forward_nodes,
+            "nodes": report.nodes,
+            "params": report.params,
+            "flops_per_step": report.flops_per_step,
+            "forward_flops": p.forward_flops,
+            "backward_flops": p.backward_flops,
+            "matmul_flops_per_step": report.matmul_flops_per_step,
+            "bytes_moved": p.bytes_moved,
+            "activation_bytes": report.activation_bytes,
+            "param_bytes": p.param_bytes,
+            "grad_bytes": p.grad_bytes,
+            "optimizer_bytes": p.optimizer_bytes,
+            "buffer_bytes": p.buffer_bytes,
+            "peak_memory_bytes": report.peak_memory_bytes,
+            "per_op_type": p.per_op_type,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!("{} ({:?})", report.model, report.source);
+    println!();
+    println!(
+        "{:<34} {:>7} {:>14} {:>14} {:>12}",
+        "op type", "nodes", "FLOPs", "matmul FLOPs", "bytes"
+    );
+    let mut rows: Vec<_> = p.per_op_type.iter().collect();
+    rows.sort_by(|a, b| b.1.flops.total_cmp(&a.1.flops).then(a.0.cmp(b.0)));
+    for (name, s) in rows {
+        println!(
+            "{:<34} {:>7} {:>14} {:>14} {:>12}",
+            name,
+            s.count,
+            human_flops(s.flops),
+            human_flops(s.matmul_flops),
+            human_bytes(s.bytes)
+        );
+    }
+    println!();
+    let dt = match policy {
+        DTypePolicy::Fp32 => "fp32",
+        DTypePolicy::Bf16Mixed => "bf16 mixed",
+    };
+    println!(
+        "nodes                 {} forward, {} in the training step",
+        report.forward_nodes, report.nodes
+    );
+    println!("parameters            {}", group_digits(report.params));
+    println!(
+        "training FLOPs/step   {} (forward {}, backward {}; matmul {})",
+        human_flops(report.flops_per_step),
+        human_flops(p.forward_flops),
+        human_flops(p.backward_flops),
+        human_flops(report.matmul_flops_per_step)
+    );
+    println!(
+        "activation memory     {} saved for backward ({dt})",
+        human_bytes(report.activation_bytes as f64)
+    );
+    println!(
+        "weights/grads/optim   {} / {} / {}",
+        human_bytes(p.param_bytes as f64),
+        human_bytes(p.grad_bytes as f64),
+        human_bytes(p.optimizer_bytes as f64)
+    );
+    println!(
+        "estimated peak memory {} on one device",
+        human_bytes(report.peak_memory_bytes as f64)
+    );
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match &cli.command {
+        Command::Inspect(a) => inspect(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -7,9 +7,12 @@ pub mod entity;
 pub mod error;
 pub mod eval;
 pub mod graph;
+pub mod onnx;
 pub mod ops;
+pub mod profile;
 pub mod tensor;
 pub mod text;
+pub mod train;
 pub mod verify;
 
 pub use builder::GraphBuilder;

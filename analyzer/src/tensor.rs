@@ -5,6 +5,7 @@
 //! such as `i64::MAX` saturate back on conversion). This is a correctness oracle, not a runtime:
 //! the real kernels are libtorch's.
 
+pub use crate::dtype::broadcast_shapes;
 use crate::dtype::{DType, TensorType};
 use serde::{Deserialize, Serialize};
 

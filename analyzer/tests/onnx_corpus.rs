@@ -1,0 +1,243 @@
+//! Every `.onnx` file of the shared corpus (real PyTorch exports, TorchScript-based opset 17
+//! and dynamo opset 18) imports; its outputs have the exported shapes and dtypes; its
+//! parameter count equals `manifest.json`'s `graph_params`; the loss is found; and for the
+//! files with reference data the imported graph, run by the reference evaluator, reproduces
+//! onnxruntime's outputs.
+//!
+//! The corpus lives in `shared/corpus` next to an ancestor of this crate; without it the tests
+//! say so and pass.
+
+use autopar_analyzer::graph::{ValueDef, WeightData};
+use autopar_analyzer::onnx::{import_onnx, ImportOptions, ImportedModel};
+use autopar_analyzer::{DType, Tensor};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+fn corpus_dir() -> Option<PathBuf> {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .map(|a| a.join("shared").join("corpus"))
+        .find(|p| p.join("manifest.json").is_file())
+}
+
+/// One `.onnx` file of the manifest that is present on disk.
+struct Entry {
+    file: String,
+    opset: i64,
+    graph_params: u64,
+    /// `(name, shape, dtype)` of the exported outputs.
+    outputs: Vec<(String, Vec<usize>, String)>,
+}
+
+fn entries(dir: &Path) -> Vec<Entry> {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json");
+    let manifest: Value = serde_json::from_str(&text).expect("manifest json");
+    let mut out = vec![];
+    for e in manifest.as_array().expect("manifest is a list") {
+        let outputs: Vec<(String, Vec<usize>, String)> = e["outputs"]
+            .as_array()
+            .map(|os| {
+                os.iter()
+                    .map(|o| {
+                        let shape = o["shape"]
+                            .as_array()
+                            .expect("shape")
+                            .iter()
+                            .map(|d| d.as_u64().expect("dim") as usize)
+                            .collect();
+                        let name = o["name"].as_str().expect("name").to_string();
+                        (name, shape, o["dtype"].as_str().expect("dtype").to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for f in e["files"].as_array().into_iter().flatten() {
+            let file = f["file"].as_str().expect("file");
+            if !file.ends_with(".onnx") || !dir.join(file).is_file() {
+                continue;
+            }
+            out.push(Entry {
+                file: file.to_string(),
+                opset: e["opset"].as_i64().expect("opset"),
+                graph_params: f["graph_params"].as_u64().expect("graph_params"),
+                outputs: outputs.clone(),
+            });
+        }
+    }
+    out
+}
+
+fn import(dir: &Path, file: &str) -> (ImportedModel, f64) {
+    let t0 = Instant::now();
+    let m = import_onnx(&dir.join(file), &ImportOptions::default())
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+    (m, t0.elapsed().as_secs_f64())
+}
+
+#[test]
+fn every_corpus_file_imports_with_exported_shapes_and_params() {
+    let Some(dir) = corpus_dir() else {
+        eprintln!(
+            "shared/corpus not found next to an ancestor of {}: skipped",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        return;
+    };
+    let entries = entries(&dir);
+    assert!(
+        !entries.is_empty(),
+        "no .onnx file of manifest.json is in {}",
+        dir.display()
+    );
+    let mut table = vec![];
+    for e in &entries {
+        let (m, secs) = import(&dir, &e.file);
+        let g = &m.graph;
+        assert_eq!(m.opset, e.opset, "{}", e.file);
+        assert_eq!(g.outputs.len(), e.outputs.len(), "{}: outputs", e.file);
+        for (&v, (name, shape, dtype)) in g.outputs.iter().zip(&e.outputs) {
+            let ty = g.ty(v);
+            assert_eq!(&ty.shape, shape, "{}: output {name}", e.file);
+            assert_eq!(
+                Some(ty.dtype),
+                DType::parse(dtype),
+                "{}: output {name}",
+                e.file
+            );
+        }
+        assert_eq!(
+            g.param_count() as u64,
+            e.graph_params,
+            "{}: parameter elements",
+            e.file
+        );
+        if e.outputs.iter().any(|o| o.0 == "loss") {
+            let loss = m
+                .loss
+                .unwrap_or_else(|| panic!("{}: no loss found", e.file));
+            assert_eq!(g.ty(loss).shape, Vec::<usize>::new(), "{}: loss", e.file);
+        }
+        table.push(format!(
+            "| {} | {} | {} | {} | {:.3} |",
+            e.file,
+            g.nodes.len(),
+            g.params().count(),
+            g.param_count(),
+            secs
+        ));
+    }
+    eprintln!("| file | IR nodes | params | param elements (= graph_params) | import s |");
+    eprintln!("|---|---|---|---|---|");
+    for row in table {
+        eprintln!("{row}");
+    }
+}
+
+#[test]
+fn large_graph_only_model_imports_quickly() {
+    let Some(dir) = corpus_dir() else {
+        eprintln!("shared/corpus not found: skipped");
+        return;
+    };
+    let file = "llama_1b/llama_1b.train.ts.onnx";
+    if !dir.join(file).is_file() {
+        eprintln!("{file} not in the corpus: skipped");
+        return;
+    }
+    let (m, secs) = import(&dir, file);
+    eprintln!("{file}: {} IR nodes in {secs:.3} s", m.graph.nodes.len());
+    // Release builds take well under a second; debug builds verify every node as well.
+    let limit = if cfg!(debug_assertions) { 60.0 } else { 2.0 };
+    assert!(secs < limit, "{file} took {secs:.3} s to import");
+}
+
+/// The inputs and onnxruntime outputs stored in `<stem>.ref.json` / `.ref.bin`.
+/// Named tensors.
+type Named = Vec<(String, Tensor)>;
+
+fn reference(dir: &Path, json: &str) -> (Named, Named) {
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(json)).expect("ref json"))
+            .expect("ref json");
+    let parent = dir.join(json).parent().expect("parent").to_path_buf();
+    let bin = std::fs::read(parent.join(meta["bin"].as_str().expect("bin"))).expect("ref bin");
+    let (mut ins, mut outs) = (vec![], vec![]);
+    for t in meta["tensors"].as_array().expect("tensors") {
+        let dtype = DType::parse(t["dtype"].as_str().expect("dtype")).expect("known dtype");
+        let shape: Vec<usize> = t["shape"]
+            .as_array()
+            .expect("shape")
+            .iter()
+            .map(|d| d.as_u64().expect("dim") as usize)
+            .collect();
+        let off = t["offset"].as_u64().expect("offset") as usize;
+        let n = t["nbytes"].as_u64().expect("nbytes") as usize;
+        let tensor = Tensor::from_le_bytes(dtype, shape, &bin[off..off + n]).expect("tensor bytes");
+        let entry = (t["name"].as_str().expect("name").to_string(), tensor);
+        if t["kind"] == "input" {
+            ins.push(entry);
+        } else {
+            outs.push(entry);
+        }
+    }
+    (ins, outs)
+}
+
+/// Runs the imported model on the reference inputs with its inline weights.
+fn check_against_reference(dir: &Path, onnx: &str, json: &str, tol: f64) {
+    if !dir.join(onnx).is_file() || !dir.join(json).is_file() {
+        eprintln!("{onnx} or {json} not in the corpus: skipped");
+        return;
+    }
+    let (m, _) = import(dir, onnx);
+    let g = &m.graph;
+    let (ins, outs) = reference(dir, json);
+    let mut feeds = HashMap::new();
+    for (v, d) in g.values.iter() {
+        match &d.def {
+            ValueDef::Input => {
+                let t = ins
+                    .iter()
+                    .find(|(n, _)| *n == d.name)
+                    .unwrap_or_else(|| panic!("no ref input {}", d.name));
+                feeds.insert(v, t.1.clone());
+            }
+            ValueDef::Param { data } | ValueDef::Buffer { data } => {
+                let WeightData::Inline(bytes) = data else {
+                    panic!("{onnx}: {} is not inline", d.name)
+                };
+                let t =
+                    Tensor::from_le_bytes(d.ty.dtype, d.ty.shape.clone(), bytes).expect("weight");
+                feeds.insert(v, t);
+            }
+            _ => {}
+        }
+    }
+    let vals = autopar_analyzer::eval::run(g, &feeds).unwrap_or_else(|e| panic!("{onnx}: {e}"));
+    for (&v, (name, want)) in g.outputs.iter().zip(&outs) {
+        let got = vals[v.0 as usize].as_ref().expect("output computed");
+        assert_eq!(got.shape, want.shape, "{onnx}: {name}");
+        let err = got.max_rel_err(want, 1e-3);
+        eprintln!("{onnx}: {name} max rel err {err:.2e}");
+        assert!(
+            err < tol,
+            "{onnx}: output {name} differs from onnxruntime by {err:.2e}"
+        );
+    }
+}
+
+#[test]
+fn mlp_tiny_matches_onnxruntime() {
+    let Some(dir) = corpus_dir() else {
+        eprintln!("shared/corpus not found: skipped");
+        return;
+    };
+    check_against_reference(
+        &dir,
+        "mlp_tiny/mlp_tiny.dynamo.full.onnx",
+        "mlp_tiny/mlp_tiny.dynamo.ref.json",
+        1e-4,
+    );
+}

@@ -1,0 +1,216 @@
+//! The training-graph builder on small MLPs: the printed training graph (golden), and the
+//! gradients it computes against finite differences of the forward loss, through the
+//! reference evaluator in f64.
+
+use autopar_analyzer::entity::EntityId;
+use autopar_analyzer::eval;
+use autopar_analyzer::ops::binary::{Binary, BinaryKind};
+use autopar_analyzer::ops::unary::{Unary, UnaryKind};
+use autopar_analyzer::text::print;
+use autopar_analyzer::train::{build_training_graph, LossSpec, TrainOptions, TrainingGraph};
+use autopar_analyzer::{DType, Graph, GraphBuilder, Tensor, TensorType, ValueDef, ValueId};
+use std::collections::HashMap;
+
+fn ty(dtype: DType, shape: &[usize]) -> TensorType {
+    TensorType::new(dtype, shape.to_vec())
+}
+
+fn relu(b: &mut GraphBuilder, x: ValueId) -> ValueId {
+    b.node1(
+        Unary {
+            kind: UnaryKind::Relu,
+        },
+        &[x],
+    )
+    .unwrap()
+}
+
+fn add(b: &mut GraphBuilder, x: ValueId, y: ValueId) -> ValueId {
+    b.node1(
+        Binary {
+            kind: BinaryKind::Add,
+        },
+        &[x, y],
+    )
+    .unwrap()
+}
+
+/// Deterministic values in [-1, 1).
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let data = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::new(DType::F64, shape.to_vec(), data)
+}
+
+/// Random feeds for every input and weight of `g`; integer inputs get labels in `0..classes`.
+fn feeds_for(g: &Graph, classes: usize) -> HashMap<ValueId, Tensor> {
+    let mut feeds = HashMap::new();
+    for (v, d) in g.values.iter() {
+        let t = match d.def {
+            ValueDef::Input | ValueDef::Param { .. } | ValueDef::Buffer { .. } => {
+                if d.ty.dtype.is_float() {
+                    rand(&d.ty.shape, 7 + v.index() as u64)
+                } else {
+                    let n = d.ty.numel();
+                    let labels: Vec<i64> = (0..n).map(|i| ((i * 7 + 3) % classes) as i64).collect();
+                    Tensor::from_i64(d.ty.shape.clone(), &labels)
+                }
+            }
+            _ => continue,
+        };
+        feeds.insert(v, t);
+    }
+    feeds
+}
+
+/// Every parameter gradient of `tg` equals central differences of its loss.
+fn check_gradients(tg: &TrainingGraph, classes: usize) {
+    let feeds = feeds_for(&tg.graph, classes);
+    let vals = eval::run(&tg.graph, &feeds).unwrap();
+    let loss_at = |feeds: &HashMap<ValueId, Tensor>| {
+        eval::run(&tg.graph, feeds).unwrap()[tg.loss.index()]
+            .clone()
+            .unwrap()
+            .data[0]
+    };
+    assert!(!tg.grads.is_empty());
+    for &(p, gv) in &tg.grads {
+        let analytic = vals[gv.index()].clone().unwrap();
+        assert_eq!(analytic.shape, tg.graph.ty(p).shape);
+        for k in 0..analytic.numel() {
+            let h = 1e-6;
+            let mut fp = feeds.clone();
+            fp.get_mut(&p).unwrap().data[k] += h;
+            let mut fm = feeds.clone();
+            fm.get_mut(&p).unwrap().data[k] -= h;
+            let num = (loss_at(&fp) - loss_at(&fm)) / (2.0 * h);
+            let a = analytic.data[k];
+            let err = (a - num).abs() / a.abs().max(num.abs()).max(1.0);
+            assert!(
+                err < 1e-6,
+                "{} [{k}]: analytic {a}, numeric {num}",
+                tg.graph.value_label(p)
+            );
+        }
+    }
+}
+
+/// `x [2,3] @ w1 -> relu -> @ w2 -> cross entropy vs labels` (f32).
+fn small_mlp() -> (Graph, ValueId) {
+    let mut b = GraphBuilder::new();
+    let x = b.input("x", ty(DType::F32, &[2, 3]));
+    let w1 = b.param("fc1.w", ty(DType::F32, &[3, 4]));
+    let w2 = b.param("fc2.w", ty(DType::F32, &[4, 3]));
+    b.name_next("fc1");
+    let h = b.matmul(x, w1).unwrap();
+    b.name_next("act");
+    let a = relu(&mut b, h);
+    b.name_next("fc2");
+    let y = b.matmul(a, w2).unwrap();
+    b.output(y);
+    (b.finish(), y)
+}
+
+#[test]
+fn golden_training_graph_of_a_small_mlp() {
+    let (g, y) = small_mlp();
+    let opts = TrainOptions::new(LossSpec::CrossEntropy {
+        logits: y,
+        labels_name: "labels".into(),
+    });
+    let tg = build_training_graph(&g, &opts).unwrap();
+    expect_test::expect![[r#""#]].assert_eq(&print(&tg.graph));
+}
+
+#[test]
+fn mlp_gradients_match_finite_differences() {
+    // x [3,4] @ w1 + b1 -> relu -> @ w2 + b2 -> cross entropy, in f64
+    let mut b = GraphBuilder::new();
+    let x = b.input("x", ty(DType::F64, &[3, 4]));
+    let w1 = b.param("w1", ty(DType::F64, &[4, 5]));
+    let b1 = b.param("b1", ty(DType::F64, &[5]));
+    let w2 = b.param("w2", ty(DType::F64, &[5, 3]));
+    let b2 = b.param("b2", ty(DType::F64, &[3]));
+    let h = b.matmul(x, w1).unwrap();
+    let h = add(&mut b, h, b1);
+    let a = relu(&mut b, h);
+    let y = b.matmul(a, w2).unwrap();
+    let y = add(&mut b, y, b2);
+    let opts = TrainOptions::new(LossSpec::CrossEntropy {
+        logits: y,
+        labels_name: "labels".into(),
+    });
+    let tg = build_training_graph(&b.finish(), &opts).unwrap();
+    assert_eq!(
+        tg.grads.iter().map(|g| g.0).collect::<Vec<_>>(),
+        vec![w1, b1, w2, b2]
+    );
+    let labels = tg.labels.unwrap();
+    assert_eq!(tg.graph.ty(labels), &ty(DType::I64, &[3]));
+    check_gradients(&tg, 3);
+}
+
+#[test]
+fn shared_weight_gradients_accumulate() {
+    // y = relu(x @ w) @ w: w read twice, its gradient is the sum of two contributions
+    let mut b = GraphBuilder::new();
+    let x = b.input("x", ty(DType::F64, &[2, 3]));
+    let w = b.param("w", ty(DType::F64, &[3, 3]));
+    let h = b.matmul(x, w).unwrap();
+    let a = relu(&mut b, h);
+    let y = b.matmul(a, w).unwrap();
+    let tg =
+        build_training_graph(&b.finish(), &TrainOptions::new(LossSpec::MeanOfOutput(y))).unwrap();
+    let adds = tg
+        .graph
+        .nodes
+        .values()
+        .filter(|n| n.origin.is_some() && n.op.name() == "binary")
+        .count();
+    assert!(adds >= 1, "{}", print(&tg.graph));
+    check_gradients(&tg, 1);
+}
+
+#[test]
+fn cross_entropy_over_a_sequence_reshapes_the_logits() {
+    // logits [2, 3, 4] (batch, sequence, classes): labels i64[2, 3]
+    let mut b = GraphBuilder::new();
+    let x = b.input("x", ty(DType::F64, &[2, 3, 5]));
+    let w = b.param("w", ty(DType::F64, &[5, 4]));
+    let y = b.matmul(x, w).unwrap();
+    let opts = TrainOptions::new(LossSpec::CrossEntropy {
+        logits: y,
+        labels_name: "targets".into(),
+    });
+    let tg = build_training_graph(&b.finish(), &opts).unwrap();
+    let labels = tg.labels.unwrap();
+    assert_eq!(tg.graph.values[labels].name, "targets");
+    assert_eq!(tg.graph.ty(labels), &ty(DType::I64, &[2, 3]));
+    check_gradients(&tg, 4);
+}
+
+#[test]
+fn buffers_and_inputs_get_no_gradient() {
+    let mut b = GraphBuilder::new();
+    let x = b.input("x", ty(DType::F64, &[2, 3]));
+    let w = b.param("w", ty(DType::F64, &[3, 3]));
+    let s = b.buffer("shift", ty(DType::F64, &[3]));
+    let h = b.matmul(x, w).unwrap();
+    let y = add(&mut b, h, s);
+    let tg =
+        build_training_graph(&b.finish(), &TrainOptions::new(LossSpec::MeanOfOutput(y))).unwrap();
+    assert_eq!(tg.grads.len(), 1);
+    assert_eq!(tg.grads[0].0, w);
+    assert!(tg.unused_params.is_empty());
+    check_gradients(&tg, 1);
+}
