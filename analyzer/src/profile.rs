@@ -272,7 +272,7 @@ pub fn profile_graph(
         }
     }
     let peak_memory_bytes = persistent + usize::try_from(peak.max(0)).unwrap_or(usize::MAX);
-    let peak_at = (peak_step < n).then(|| NodeId(peak_step as u32));
+    let peak_at = (peak_step < n).then_some(NodeId(peak_step as u32));
 
     Profile {
         optimizer,
@@ -300,6 +300,7 @@ pub fn profile_graph(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::builder::GraphBuilder;

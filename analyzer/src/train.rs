@@ -539,6 +539,7 @@ pub fn param_bytes_per_element(optimizer: Optimizer, policy: DTypePolicy) -> Par
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::eval;

@@ -2,6 +2,8 @@
 //! `2*B*in*out` per layer; backward twice that, less the first layer's input gradient), the
 //! activations saved for backward, and the parameter / gradient / optimizer bytes.
 
+#![allow(clippy::unwrap_used)]
+
 use autopar_analyzer::ops::unary::{Unary, UnaryKind};
 use autopar_analyzer::profile::profile;
 use autopar_analyzer::train::{

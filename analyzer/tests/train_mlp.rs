@@ -2,6 +2,8 @@
 //! gradients it computes against finite differences of the forward loss, through the
 //! reference evaluator in f64.
 
+#![allow(clippy::unwrap_used)]
+
 use autopar_analyzer::entity::EntityId;
 use autopar_analyzer::eval;
 use autopar_analyzer::ops::binary::{Binary, BinaryKind};
@@ -129,7 +131,27 @@ fn golden_training_graph_of_a_small_mlp() {
         labels_name: "labels".into(),
     });
     let tg = build_training_graph(&g, &opts).unwrap();
-    expect_test::expect![[r#""#]].assert_eq(&print(&tg.graph));
+    expect_test::expect![[r#"
+        graph {
+          input v0 "x": f32[2,3]
+          param v1 "fc1.w": f32[3,4]
+          param v2 "fc2.w": f32[4,3]
+          input v6 "labels": i64[2]
+          const v9 "dloss": f32[] = [1.0]
+          const v13: f32[] = [0.0]
+          n0 "fc1" = einsum(v0, v1) {"equation":"ay,yz->az"} -> v3 "fc1": f32[2,4]
+          n1 "act" = unary(v3) {"kind":"relu"} -> v4 "act": f32[2,4]
+          n2 "fc2" = einsum(v4, v2) {"equation":"ay,yz->az"} -> v5 "fc2": f32[2,3]
+          n3 "loss" = softmax_cross_entropy(v5, v6) {"ignore_index":null,"reduction":"mean"} -> v7 "loss": f32[], v8 "loss:1": f32[2,3]
+          n4 "loss.grad" backward(n3) = softmax_cross_entropy_grad(v9, v8, v6) {"ignore_index":null,"reduction":"mean"} -> v10 "loss.grad": f32[2,3]
+          n5 "fc2.grad" backward(n2) = einsum(v10, v2) {"equation":"az,yz->ay"} -> v11 "fc2.grad": f32[2,4]
+          n6 "fc2.grad" backward(n2) = einsum(v10, v4) {"equation":"az,ay->yz"} -> v12 "fc2.w.grad": f32[4,3]
+          n7 "act.grad" backward(n1) = binary(v3, v13) {"kind":"greater"} -> v14 "act.grad": bool[2,4]
+          n8 "act.grad" backward(n1) = where(v14, v11, v13) -> v15 "act.grad": f32[2,4]
+          n9 "fc1.grad" backward(n0) = einsum(v15, v0) {"equation":"az,ay->yz"} -> v16 "fc1.w.grad": f32[3,4]
+          output v7, v16, v12
+        }
+    "#]].assert_eq(&print(&tg.graph));
 }
 
 #[test]
@@ -212,5 +234,37 @@ fn buffers_and_inputs_get_no_gradient() {
     assert_eq!(tg.grads.len(), 1);
     assert_eq!(tg.grads[0].0, w);
     assert!(tg.unused_params.is_empty());
+    check_gradients(&tg, 1);
+}
+
+#[test]
+fn training_batch_norm_running_stats_become_buffer_updates() {
+    use autopar_analyzer::ops::BatchNorm;
+    let mut b = GraphBuilder::new();
+    let x = b.input("x", ty(DType::F64, &[4, 3]));
+    let w = b.param("w", ty(DType::F64, &[3, 2]));
+    let scale = b.param("bn.weight", ty(DType::F64, &[2]));
+    let bias = b.param("bn.bias", ty(DType::F64, &[2]));
+    let mean = b.buffer("bn.running_mean", ty(DType::F64, &[2]));
+    let var = b.buffer("bn.running_var", ty(DType::F64, &[2]));
+    let h = b.matmul(x, w).unwrap();
+    let outs = b
+        .node(
+            BatchNorm {
+                epsilon: 1e-5,
+                momentum: 0.9,
+                training: true,
+            },
+            &[h, scale, bias, mean, var],
+        )
+        .unwrap();
+    let opts = TrainOptions::new(LossSpec::MeanOfOutput(outs[0]));
+    let tg = build_training_graph(&b.finish(), &opts).unwrap();
+    assert_eq!(tg.buffer_updates, vec![(mean, outs[1]), (var, outs[2])]);
+    assert_eq!(
+        tg.graph.outputs[tg.graph.outputs.len() - 2..],
+        [outs[1], outs[2]]
+    );
+    assert_eq!(tg.grads.len(), 3);
     check_gradients(&tg, 1);
 }

@@ -392,6 +392,10 @@ fn llama_8b_builds_fast_without_big_constants() {
     )
     .unwrap();
     let dt = t.elapsed();
+    eprintln!(
+        "llama-8b seq 8192: built {} nodes in {dt:?}",
+        m.graph.nodes.len()
+    );
     let biggest_const = m
         .graph
         .values
@@ -450,4 +454,46 @@ fn tiny_vision_and_mlp_models_evaluate() {
             .family,
         Family::Resnet
     );
+}
+
+/// Changing the last token must leave the logits of every earlier position unchanged (the
+/// causal mask points the right way) and change the last position's.
+#[test]
+fn tiny_decoders_are_causal() {
+    for name in ["gpt2", "llama-8b"] {
+        let m = build(name, &tiny(name).unwrap()).unwrap();
+        let g = &m.graph;
+        let logits = g
+            .nodes
+            .values()
+            .find(|n| n.name == "lm_head")
+            .map(|n| n.outputs[0])
+            .expect("lm_head node");
+        let ids = g.find_value("input_ids").unwrap();
+        let mut feeds = random_feeds(g, &m.config, 3);
+        let run = |feeds: &std::collections::HashMap<_, _>| {
+            eval::run(g, feeds).unwrap()[logits.0 as usize]
+                .clone()
+                .unwrap()
+        };
+        let a = run(&feeds);
+        let t = feeds.get_mut(&ids).unwrap();
+        let s = m.config.seq;
+        t.data[s - 1] = ((t.data[s - 1] as usize + 1) % m.config.vocab) as f64;
+        let b = run(&feeds);
+        let v = m.config.vocab;
+        let row = |x: &autopar_analyzer::Tensor, p: usize| x.data[p * v..(p + 1) * v].to_vec();
+        for p in 0..s - 1 {
+            assert_eq!(
+                row(&a, p),
+                row(&b, p),
+                "{name}: position {p} saw the future"
+            );
+        }
+        assert_ne!(
+            row(&a, s - 1),
+            row(&b, s - 1),
+            "{name}: last position unchanged"
+        );
+    }
 }

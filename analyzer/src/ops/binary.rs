@@ -99,7 +99,11 @@ impl BinaryKind {
                 let r = x
                     .checked_rem(y)
                     .ok_or_else(|| op_err!("integer modulo {x} % {y} is undefined"))?;
-                (if r != 0 && ((r < 0) != (y < 0)) { r + y } else { r }) as f64
+                (if r != 0 && ((r < 0) != (y < 0)) {
+                    r + y
+                } else {
+                    r
+                }) as f64
             }
             Mod => {
                 let r = a % b;
@@ -256,23 +260,14 @@ impl OpSpec for Binary {
             }
         } else {
             if a.dtype != b.dtype {
-                return Err(op_err!(
-                    "{k:?} operands mix {} and {}",
-                    a.dtype,
-                    b.dtype
-                ));
+                return Err(op_err!("{k:?} operands mix {} and {}", a.dtype, b.dtype));
             }
             if !k.is_comparison() && a.dtype == DType::Bool {
                 return Err(op_err!("{k:?} on bool operands is not arithmetic"));
             }
         }
-        let shape = broadcast_shapes(&a.shape, &b.shape).ok_or_else(|| {
-            op_err!(
-                "shapes {:?} and {:?} do not broadcast",
-                a.shape,
-                b.shape
-            )
-        })?;
+        let shape = broadcast_shapes(&a.shape, &b.shape)
+            .ok_or_else(|| op_err!("shapes {:?} and {:?} do not broadcast", a.shape, b.shape))?;
         let dtype = if k.is_comparison() || k.is_logic() {
             DType::Bool
         } else {
@@ -312,24 +307,46 @@ impl OpSpec for Binary {
             Add => (Some(dy), Some(dy)),
             Sub => {
                 let gy = if want_y {
-                    Some(b.emit(Unary { kind: UnaryKind::Neg }, &[dy])?)
+                    Some(b.emit(
+                        Unary {
+                            kind: UnaryKind::Neg,
+                        },
+                        &[dy],
+                    )?)
                 } else {
                     None
                 };
                 (Some(dy), gy)
             }
             Mul => {
-                let gx = if want_x { Some(bin(b, Mul, dy, y)?) } else { None };
-                let gy = if want_y { Some(bin(b, Mul, dy, x)?) } else { None };
+                let gx = if want_x {
+                    Some(bin(b, Mul, dy, y)?)
+                } else {
+                    None
+                };
+                let gy = if want_y {
+                    Some(bin(b, Mul, dy, x)?)
+                } else {
+                    None
+                };
                 (gx, gy)
             }
             Div => {
-                let gx = if want_x { Some(bin(b, Div, dy, y)?) } else { None };
+                let gx = if want_x {
+                    Some(bin(b, Div, dy, y)?)
+                } else {
+                    None
+                };
                 let gy = if want_y {
                     // d(x/y)/dy = -(x/y)/y
                     let t = bin(b, Mul, dy, out)?;
                     let t = bin(b, Div, t, y)?;
-                    Some(b.emit(Unary { kind: UnaryKind::Neg }, &[t])?)
+                    Some(b.emit(
+                        Unary {
+                            kind: UnaryKind::Neg,
+                        },
+                        &[t],
+                    )?)
                 } else {
                     None
                 };
@@ -348,7 +365,12 @@ impl OpSpec for Binary {
                 };
                 let gy = if want_y {
                     // x^y * ln x
-                    let l = b.emit(Unary { kind: UnaryKind::Log }, &[x])?;
+                    let l = b.emit(
+                        Unary {
+                            kind: UnaryKind::Log,
+                        },
+                        &[x],
+                    )?;
                     let t = bin(b, Mul, out, l)?;
                     let t = bin(b, Mul, dy, t)?;
                     Some(cast_to(b, t, ty.dtype)?)
@@ -367,7 +389,11 @@ impl OpSpec for Binary {
                 let e = scale(b, e, 0.5)?;
                 let w = bin(b, Add, w, e)?;
                 let gx = bin(b, Mul, dy, w)?;
-                let gy = if want_y { Some(bin(b, Sub, dy, gx)?) } else { None };
+                let gy = if want_y {
+                    Some(bin(b, Sub, dy, gx)?)
+                } else {
+                    None
+                };
                 (Some(gx), gy)
             }
             Mod => {
@@ -381,7 +407,12 @@ impl OpSpec for Binary {
                         &[q],
                     )?;
                     let t = bin(b, Mul, dy, q)?;
-                    Some(b.emit(Unary { kind: UnaryKind::Neg }, &[t])?)
+                    Some(b.emit(
+                        Unary {
+                            kind: UnaryKind::Neg,
+                        },
+                        &[t],
+                    )?)
                 } else {
                     None
                 };
@@ -451,6 +482,7 @@ impl crate::builder::GraphBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::ops::gradcheck::{check, rand_tensor};
@@ -561,7 +593,8 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         use BinaryKind::*;
-        let shapes: [(&[usize], &[usize]); 3] = [(&[2, 3], &[2, 3]), (&[2, 3], &[3]), (&[2, 1, 3], &[4, 1])];
+        let shapes: [(&[usize], &[usize]); 3] =
+            [(&[2, 3], &[2, 3]), (&[2, 3], &[3]), (&[2, 1, 3], &[4, 1])];
         for (i, (sa, sb)) in shapes.into_iter().enumerate() {
             let s = i as u64 * 10;
             let (a, b) = (rand_tensor(sa, s + 1), rand_tensor(sb, s + 2));
@@ -599,7 +632,11 @@ mod tests {
                 grads: &[Some(dy)],
                 needs: &[true, true],
             };
-            Binary { kind: BinaryKind::Max }.vjp(&mut cx).unwrap()
+            Binary {
+                kind: BinaryKind::Max,
+            }
+            .vjp(&mut cx)
+            .unwrap()
         };
         let g0 = g[0].unwrap();
         let g1 = g[1].unwrap();

@@ -63,6 +63,7 @@ impl crate::builder::GraphBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::ops::gradcheck::{check, rand_tensor};
@@ -107,7 +108,10 @@ mod tests {
         let g = Cast { to: DType::F32 }.vjp(&mut cx).unwrap()[0].unwrap();
         assert_eq!(*b.ty(g), TensorType::new(DType::F64, [3]));
         let vals = crate::eval::run(&b.graph, &[(x, rand_tensor(&[3], 1))].into()).unwrap();
-        assert_eq!(vals[g.0 as usize].as_ref().unwrap().data, vec![1.0, 2.0, 3.0]);
+        assert_eq!(
+            vals[g.0 as usize].as_ref().unwrap().data,
+            vec![1.0, 2.0, 3.0]
+        );
         let mut cx = VjpCtx {
             b: &mut b,
             inputs: &[x],

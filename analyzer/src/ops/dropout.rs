@@ -171,8 +171,16 @@ mod tests {
         assert_eq!(a, b);
         let kept = a[1].data.iter().filter(|&&m| m == 1.0).count();
         assert!((7300..7700).contains(&kept), "kept {kept} of 10000");
-        assert!(a[0].data.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-15));
-        let c = Dropout { seed: 8, ..op(0.25, true) }.eval(&[&x]).unwrap();
+        assert!(a[0]
+            .data
+            .iter()
+            .all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-15));
+        let c = Dropout {
+            seed: 8,
+            ..op(0.25, true)
+        }
+        .eval(&[&x])
+        .unwrap();
         assert_ne!(a[1], c[1]);
         for inactive in [op(0.25, false), op(0.0, true)] {
             let out = inactive.eval(&[&x]).unwrap();

@@ -98,7 +98,11 @@ pub(crate) fn norm_dims(
         .enumerate()
         .map(|(d, &size)| Axis {
             size,
-            kind: if d >= axis { AxisKind::Whole } else { lead_kind },
+            kind: if d >= axis {
+                AxisKind::Whole
+            } else {
+                lead_kind
+            },
         })
         .collect();
     let map = |role: &NormRole| -> Vec<Option<AxisId>> {
@@ -106,7 +110,6 @@ pub(crate) fn norm_dims(
             NormRole::Full => (0..r).map(Some).collect(),
             NormRole::Feature => (axis..r).map(Some).collect(),
             NormRole::Stats => (0..r).map(|d| (d < axis).then_some(d)).collect(),
-            NormRole::Scalar => vec![],
         }
     };
     DimMap {
@@ -125,8 +128,6 @@ pub(crate) enum NormRole {
     Feature,
     /// shaped like x with dims `axis..` set to 1 (mean, rstd)
     Stats,
-    /// a scalar
-    Scalar,
 }
 
 impl OpSpec for LayerNorm {
@@ -272,10 +273,7 @@ impl crate::builder::GraphBuilder {
         axis: usize,
         eps: f64,
     ) -> Result<ValueId, AnalyzerError> {
-        let op = LayerNorm {
-            axis,
-            epsilon: eps,
-        };
+        let op = LayerNorm { axis, epsilon: eps };
         match bias {
             Some(b) => self.node1(op, &[x, scale, b]),
             None => self.node1(op, &[x, scale]),
@@ -284,6 +282,7 @@ impl crate::builder::GraphBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::ops::gradcheck::{check, rand_tensor};
@@ -309,7 +308,10 @@ mod tests {
         let s2 = tt(DType::F16, &[3, 4]);
         assert_eq!(ln(1).infer(&[&x, &s2]).unwrap()[1].shape, vec![2, 1, 1]);
         let e = ln(1).infer(&[&x, &s]).unwrap_err();
-        assert!(e.0.contains("scale has shape [4], expected the normalised dims [3, 4]"), "{e}");
+        assert!(
+            e.0.contains("scale has shape [4], expected the normalised dims [3, 4]"),
+            "{e}"
+        );
         let e = ln(3).infer(&[&x, &s]).unwrap_err();
         assert!(e.0.contains("axis 3 is out of range"), "{e}");
         let e = ln(2).infer(&[&x, &s, &tt(DType::F32, &[4])]).unwrap_err();
@@ -323,11 +325,17 @@ mod tests {
         let s = tt(DType::F32, &[4]);
         let out = ln(2).infer(&[&x, &s, &s]).unwrap();
         let outs: Vec<&TensorType> = out.iter().collect();
-        assert_eq!(ln(2).dims(&[&x, &s, &s], &outs).to_einsum(), "abC,C,C->abC,ab_,ab_");
+        assert_eq!(
+            ln(2).dims(&[&x, &s, &s], &outs).to_einsum(),
+            "abC,C,C->abC,ab_,ab_"
+        );
         let s2 = tt(DType::F32, &[3, 4]);
         let out = ln(1).infer(&[&x, &s2]).unwrap();
         let outs: Vec<&TensorType> = out.iter().collect();
-        assert_eq!(ln(1).dims(&[&x, &s2], &outs).to_einsum(), "aBC,BC->aBC,a__,a__");
+        assert_eq!(
+            ln(1).dims(&[&x, &s2], &outs).to_einsum(),
+            "aBC,BC->aBC,a__,a__"
+        );
         assert_eq!(ln(2).cost(&[&x, &s], &outs).flops, 8.0 * 24.0);
     }
 
@@ -336,7 +344,12 @@ mod tests {
         let x = Tensor::new(DType::F64, vec![2, 2], vec![1.0, 3.0, -1.0, -1.0]);
         let s = Tensor::new(DType::F64, vec![2], vec![2.0, 1.0]);
         let b = Tensor::new(DType::F64, vec![2], vec![0.0, 10.0]);
-        let out = LayerNorm { axis: 1, epsilon: 0.0 }.eval(&[&x, &s, &b]).unwrap();
+        let out = LayerNorm {
+            axis: 1,
+            epsilon: 0.0,
+        }
+        .eval(&[&x, &s, &b])
+        .unwrap();
         assert_eq!(out[0].data[..2], [-2.0, 11.0]);
         assert_eq!(out[1].data, vec![2.0, -1.0]);
         assert_eq!(out[2].data[0], 1.0);
@@ -348,8 +361,16 @@ mod tests {
         // gradcheck weights all three outputs, so the statistics' terms and LayerNormGrad's eval
         // are both covered
         let x = rand_tensor(&[2, 3, 4], 1);
-        check(ln(2), &[x.clone(), rand_tensor(&[4], 2), rand_tensor(&[4], 3)], 1e-6);
+        check(
+            ln(2),
+            &[x.clone(), rand_tensor(&[4], 2), rand_tensor(&[4], 3)],
+            1e-6,
+        );
         check(ln(1), &[x.clone(), rand_tensor(&[3, 4], 4)], 1e-6);
-        check(ln(0), &[rand_tensor(&[2, 3], 5), rand_tensor(&[2, 3], 6)], 1e-6);
+        check(
+            ln(0),
+            &[rand_tensor(&[2, 3], 5), rand_tensor(&[2, 3], 6)],
+            1e-6,
+        );
     }
 }

@@ -115,6 +115,7 @@ impl OpSpec for LayerNormGrad {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::dtype::DType;
@@ -128,14 +129,23 @@ mod tests {
         let x = tt(DType::BF16, &[2, 3, 4]);
         let w = tt(DType::BF16, &[4]);
         let st = tt(DType::F32, &[2, 3, 1]);
-        let op = LayerNormGrad { axis: 2, has_bias: true };
+        let op = LayerNormGrad {
+            axis: 2,
+            has_bias: true,
+        };
         let out = op.infer(&[&x, &x, &w, &st, &st]).unwrap();
         assert_eq!(out, vec![x.clone(), w.clone(), w.clone()]);
-        let op2 = LayerNormGrad { axis: 2, has_bias: false };
+        let op2 = LayerNormGrad {
+            axis: 2,
+            has_bias: false,
+        };
         assert_eq!(op2.infer(&[&x, &x, &w, &st, &st]).unwrap().len(), 2);
         let bad = tt(DType::BF16, &[2, 3, 1]);
         let e = op.infer(&[&x, &x, &w, &bad, &st]).unwrap_err();
-        assert!(e.0.contains("mean is bf16[2,3,1], expected f32[2,3,1]"), "{e}");
+        assert!(
+            e.0.contains("mean is bf16[2,3,1], expected f32[2,3,1]"),
+            "{e}"
+        );
         let e = op.infer(&[&w, &x, &w, &st, &st]).unwrap_err();
         assert!(e.0.contains("dy is bf16[4] but x is bf16[2,3,4]"), "{e}");
         assert!(op.infer(&[&x, &x, &w, &st]).is_err());
@@ -146,7 +156,10 @@ mod tests {
         let x = tt(DType::F32, &[2, 3, 4]);
         let w = tt(DType::F32, &[4]);
         let st = tt(DType::F32, &[2, 3, 1]);
-        let op = LayerNormGrad { axis: 2, has_bias: true };
+        let op = LayerNormGrad {
+            axis: 2,
+            has_bias: true,
+        };
         let d = op.dims(&[&x, &x, &w, &st, &st], &[&x, &w, &w]);
         assert_eq!(d.to_einsum(), "abC,abC,C,ab_,ab_->abC,C,C");
         assert_eq!(d.axes[0].kind, AxisKind::Contracted);
@@ -158,15 +171,18 @@ mod tests {
         // one row x = [1, 3]: mean 2, rstd 1 (eps 0), xhat = [-1, 1]; scale [1, 1], dy = [1, 0]:
         // g = [1, 0], mean(g) = 1/2, mean(g xhat) = -1/2, dx = [1 - 1/2 - 1/2, 0 - 1/2 + 1/2]
         let f = |s: &[usize], d: &[f64]| Tensor::new(DType::F64, s.to_vec(), d.to_vec());
-        let out = LayerNormGrad { axis: 1, has_bias: true }
-            .eval(&[
-                &f(&[1, 2], &[1.0, 0.0]),
-                &f(&[1, 2], &[1.0, 3.0]),
-                &f(&[2], &[1.0, 1.0]),
-                &f(&[1, 1], &[2.0]),
-                &f(&[1, 1], &[1.0]),
-            ])
-            .unwrap();
+        let out = LayerNormGrad {
+            axis: 1,
+            has_bias: true,
+        }
+        .eval(&[
+            &f(&[1, 2], &[1.0, 0.0]),
+            &f(&[1, 2], &[1.0, 3.0]),
+            &f(&[2], &[1.0, 1.0]),
+            &f(&[1, 1], &[2.0]),
+            &f(&[1, 1], &[1.0]),
+        ])
+        .unwrap();
         assert_eq!(out[0].data, vec![0.0, 0.0]);
         assert_eq!(out[1].data, vec![-1.0, 0.0]);
         assert_eq!(out[2].data, vec![1.0, 0.0]);

@@ -49,10 +49,7 @@ impl Reduce {
                 return Err(op_err!("axis {a} is out of range for rank {rank}"));
             }
             if i > 0 && self.axes[i - 1] >= a {
-                return Err(op_err!(
-                    "axes {:?} must be sorted and distinct",
-                    self.axes
-                ));
+                return Err(op_err!("axes {:?} must be sorted and distinct", self.axes));
             }
         }
         Ok(())
@@ -69,7 +66,10 @@ impl Reduce {
 
     /// Number of input elements folded into each output element.
     fn count(&self, shape: &[usize]) -> usize {
-        self.axes.iter().map(|&a| shape.get(a).copied().unwrap_or(1)).product()
+        self.axes
+            .iter()
+            .map(|&a| shape.get(a).copied().unwrap_or(1))
+            .product()
     }
 }
 
@@ -137,7 +137,11 @@ impl OpSpec for Reduce {
         // one add / compare per input element, one division per output element for Mean
         let n_in: usize = inputs.iter().map(|t| t.numel()).sum();
         let n_out: usize = outputs.iter().map(|t| t.numel()).sum();
-        let div = if self.kind == ReduceKind::Mean { n_out } else { 0 };
+        let div = if self.kind == ReduceKind::Mean {
+            n_out
+        } else {
+            0
+        };
         Cost::memory_bound(inputs, outputs, (n_in + div) as f64)
     }
 
@@ -158,16 +162,31 @@ impl OpSpec for Reduce {
             if b.ty(v).shape == kept {
                 Ok(v)
             } else {
-                b.emit(Reshape { shape: kept.clone() }, &[v])
+                b.emit(
+                    Reshape {
+                        shape: kept.clone(),
+                    },
+                    &[v],
+                )
             }
         };
         let dyk = keep(b, dy)?;
         let g = match self.kind {
-            ReduceKind::Sum => b.emit(Expand { shape: xt.shape.clone() }, &[dyk])?,
+            ReduceKind::Sum => b.emit(
+                Expand {
+                    shape: xt.shape.clone(),
+                },
+                &[dyk],
+            )?,
             ReduceKind::Mean => {
                 let n = self.count(&xt.shape).max(1);
                 let s = scale(b, dyk, 1.0 / n as f64)?;
-                b.emit(Expand { shape: xt.shape.clone() }, &[s])?
+                b.emit(
+                    Expand {
+                        shape: xt.shape.clone(),
+                    },
+                    &[s],
+                )?
             }
             ReduceKind::Max | ReduceKind::Min => {
                 // every position equal to the extremum shares the gradient evenly
@@ -237,6 +256,7 @@ impl crate::builder::GraphBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::ops::gradcheck::{check, rand_tensor};
@@ -254,13 +274,21 @@ mod tests {
         assert_eq!(r.infer(&[&x]).unwrap()[0].shape, vec![1, 3, 1]);
         let r = Reduce::new(ReduceKind::Max, [0, 1, 2], false);
         assert_eq!(r.infer(&[&x]).unwrap()[0].shape, Vec::<usize>::new());
-        let e = Reduce::new(ReduceKind::Sum, [3], false).infer(&[&x]).unwrap_err();
+        let e = Reduce::new(ReduceKind::Sum, [3], false)
+            .infer(&[&x])
+            .unwrap_err();
         assert!(e.0.contains("axis 3 is out of range for rank 3"), "{e}");
-        let e = Reduce::new(ReduceKind::Sum, [1, 0], false).infer(&[&x]).unwrap_err();
+        let e = Reduce::new(ReduceKind::Sum, [1, 0], false)
+            .infer(&[&x])
+            .unwrap_err();
         assert!(e.0.contains("sorted and distinct"), "{e}");
         let b = TensorType::new(DType::Bool, [2]);
-        assert!(Reduce::new(ReduceKind::Sum, [0], false).infer(&[&b]).is_err());
-        assert!(Reduce::new(ReduceKind::Max, [0], false).infer(&[&b]).is_ok());
+        assert!(Reduce::new(ReduceKind::Sum, [0], false)
+            .infer(&[&b])
+            .is_err());
+        assert!(Reduce::new(ReduceKind::Max, [0], false)
+            .infer(&[&b])
+            .is_ok());
     }
 
     #[test]
@@ -297,8 +325,17 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let x = rand_tensor(&[2, 3, 4], 1);
-        for kind in [ReduceKind::Sum, ReduceKind::Mean, ReduceKind::Max, ReduceKind::Min] {
-            for (axes, keep) in [(&[1usize][..], false), (&[0, 2][..], true), (&[0, 1, 2][..], false)] {
+        for kind in [
+            ReduceKind::Sum,
+            ReduceKind::Mean,
+            ReduceKind::Max,
+            ReduceKind::Min,
+        ] {
+            for (axes, keep) in [
+                (&[1usize][..], false),
+                (&[0, 2][..], true),
+                (&[0, 1, 2][..], false),
+            ] {
                 check(Reduce::new(kind, axes, keep), &[x.clone()], 1e-6);
             }
         }
@@ -317,9 +354,15 @@ mod tests {
             grads: &[Some(dy)],
             needs: &[true],
         };
-        let g = Reduce::new(ReduceKind::Max, [0], false).vjp(&mut cx).unwrap()[0].unwrap();
+        let g = Reduce::new(ReduceKind::Max, [0], false)
+            .vjp(&mut cx)
+            .unwrap()[0]
+            .unwrap();
         let feed = Tensor::new(DType::F64, vec![3], vec![2.0, 1.0, 2.0]);
         let vals = crate::eval::run(&b.graph, &[(x, feed)].into()).unwrap();
-        assert_eq!(vals[g.0 as usize].as_ref().unwrap().data, vec![0.5, 0.0, 0.5]);
+        assert_eq!(
+            vals[g.0 as usize].as_ref().unwrap().data,
+            vec![0.5, 0.0, 0.5]
+        );
     }
 }

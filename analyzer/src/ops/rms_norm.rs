@@ -62,9 +62,8 @@ impl OpSpec for RmsNorm {
         let needs = cx.needs.to_vec();
         let mut grads = vec![None, None];
         if let Some(dy) = cx.grads[0] {
-            let outs = cx
-                .b
-                .emit_n(RmsNormGrad { axis: self.axis }, &[dy, x, w, rstd])?;
+            let outs =
+                cx.b.emit_n(RmsNormGrad { axis: self.axis }, &[dy, x, w, rstd])?;
             for (i, g) in grads.iter_mut().enumerate() {
                 if needs[i] {
                     *g = outs.get(i).copied();
@@ -125,17 +124,12 @@ impl crate::builder::GraphBuilder {
         axis: usize,
         eps: f64,
     ) -> Result<ValueId, AnalyzerError> {
-        self.node1(
-            RmsNorm {
-                axis,
-                epsilon: eps,
-            },
-            &[x, scale],
-        )
+        self.node1(RmsNorm { axis, epsilon: eps }, &[x, scale])
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::dtype::DType;
@@ -171,14 +165,22 @@ mod tests {
         let out = rms(2).infer(&[&x, &w]).unwrap();
         let d = rms(2).dims(&[&x, &w], &[&out[0], &out[1]]);
         assert_eq!(d.to_einsum(), "abC,C->abC,ab_");
-        assert_eq!(rms(2).cost(&[&x, &w], &[&out[0], &out[1]]).flops, 5.0 * 48.0);
+        assert_eq!(
+            rms(2).cost(&[&x, &w], &[&out[0], &out[1]]).flops,
+            5.0 * 48.0
+        );
     }
 
     #[test]
     fn evaluates() {
         let x = Tensor::new(DType::F64, vec![1, 2], vec![3.0, 4.0]);
         let w = Tensor::new(DType::F64, vec![2], vec![1.0, 2.0]);
-        let out = RmsNorm { axis: 1, epsilon: 0.0 }.eval(&[&x, &w]).unwrap();
+        let out = RmsNorm {
+            axis: 1,
+            epsilon: 0.0,
+        }
+        .eval(&[&x, &w])
+        .unwrap();
         // rms = sqrt(12.5)
         let r = 1.0 / 12.5f64.sqrt();
         assert_eq!(out[1].data, vec![r]);
@@ -187,7 +189,15 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        check(rms(2), &[rand_tensor(&[2, 3, 4], 1), rand_tensor(&[4], 2)], 1e-6);
-        check(rms(1), &[rand_tensor(&[2, 3, 2], 3), rand_tensor(&[3, 2], 4)], 1e-6);
+        check(
+            rms(2),
+            &[rand_tensor(&[2, 3, 4], 1), rand_tensor(&[4], 2)],
+            1e-6,
+        );
+        check(
+            rms(1),
+            &[rand_tensor(&[2, 3, 2], 3), rand_tensor(&[3, 2], 4)],
+            1e-6,
+        );
     }
 }

@@ -107,7 +107,10 @@ mod tests {
         let w = tt(DType::F32, &[4]);
         let st = tt(DType::F32, &[2, 1]);
         let op = RmsNormGrad { axis: 1 };
-        assert_eq!(op.infer(&[&x, &x, &w, &st]).unwrap(), vec![x.clone(), w.clone()]);
+        assert_eq!(
+            op.infer(&[&x, &x, &w, &st]).unwrap(),
+            vec![x.clone(), w.clone()]
+        );
         let e = op.infer(&[&x, &x, &w, &x]).unwrap_err();
         assert!(e.0.contains("rstd is f32[2,4], expected f32[2,1]"), "{e}");
         assert!(op.infer(&[&x, &x, &w]).is_err());

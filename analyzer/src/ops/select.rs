@@ -104,6 +104,7 @@ impl crate::builder::GraphBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::ops::gradcheck::{check, rand_tensor};
@@ -117,14 +118,17 @@ mod tests {
         let c = tt(DType::Bool, &[1, 3]);
         let x = tt(DType::F32, &[2, 1]);
         let y = tt(DType::F32, &[]);
-        assert_eq!(Where {}.infer(&[&c, &x, &y]).unwrap()[0], tt(DType::F32, &[2, 3]));
+        assert_eq!(
+            Where {}.infer(&[&c, &x, &y]).unwrap()[0],
+            tt(DType::F32, &[2, 3])
+        );
         let e = Where {}.infer(&[&x, &x, &y]).unwrap_err();
         assert!(e.0.contains("condition must be bool"), "{e}");
-        let e = Where {}
-            .infer(&[&c, &x, &tt(DType::F16, &[])])
-            .unwrap_err();
+        let e = Where {}.infer(&[&c, &x, &tt(DType::F16, &[])]).unwrap_err();
         assert!(e.0.contains("x is f32 but y is f16"), "{e}");
-        let e = Where {}.infer(&[&c, &tt(DType::F32, &[4]), &y]).unwrap_err();
+        let e = Where {}
+            .infer(&[&c, &tt(DType::F32, &[4]), &y])
+            .unwrap_err();
         assert!(e.0.contains("do not broadcast"), "{e}");
         assert!(Where {}.infer(&[&c, &x]).is_err());
     }
@@ -135,7 +139,10 @@ mod tests {
         let x = tt(DType::F32, &[2, 1]);
         let y = tt(DType::F32, &[]);
         let out = tt(DType::F32, &[2, 3]);
-        assert_eq!(Where {}.dims(&[&c, &x, &y], &[&out]).to_einsum(), "_b,a_,->ab");
+        assert_eq!(
+            Where {}.dims(&[&c, &x, &y], &[&out]).to_einsum(),
+            "_b,a_,->ab"
+        );
         assert!(!Where {}.differentiable(0));
     }
 
@@ -152,9 +159,21 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let c = Tensor::new(DType::Bool, vec![2, 3], vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0]);
-        check(Where {}, &[c.clone(), rand_tensor(&[2, 3], 1), rand_tensor(&[2, 3], 2)], 1e-6);
-        check(Where {}, &[c.clone(), rand_tensor(&[3], 3), rand_tensor(&[2, 1], 4)], 1e-6);
+        check(
+            Where {},
+            &[c.clone(), rand_tensor(&[2, 3], 1), rand_tensor(&[2, 3], 2)],
+            1e-6,
+        );
+        check(
+            Where {},
+            &[c.clone(), rand_tensor(&[3], 3), rand_tensor(&[2, 1], 4)],
+            1e-6,
+        );
         let c1 = Tensor::new(DType::Bool, vec![3], vec![0.0, 1.0, 1.0]);
-        check(Where {}, &[c1, rand_tensor(&[2, 3], 5), rand_tensor(&[], 6)], 1e-6);
+        check(
+            Where {},
+            &[c1, rand_tensor(&[2, 3], 5), rand_tensor(&[], 6)],
+            1e-6,
+        );
     }
 }

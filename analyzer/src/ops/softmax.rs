@@ -34,12 +34,18 @@ pub(crate) fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usiz
 }
 
 /// Softmax or log-softmax of `data` (shaped `[outer, n, inner]`) along the middle dim.
-pub(crate) fn softmax_rows(data: &[f64], (outer, n, inner): (usize, usize, usize), log: bool) -> Vec<f64> {
+pub(crate) fn softmax_rows(
+    data: &[f64],
+    (outer, n, inner): (usize, usize, usize),
+    log: bool,
+) -> Vec<f64> {
     let mut out = vec![0.0; data.len()];
     for o in 0..outer {
         for i in 0..inner {
             let at = |k: usize| (o * n + k) * inner + i;
-            let m = (0..n).map(|k| data[at(k)]).fold(f64::NEG_INFINITY, f64::max);
+            let m = (0..n)
+                .map(|k| data[at(k)])
+                .fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = (0..n).map(|k| (data[at(k)] - m).exp()).sum();
             for k in 0..n {
                 let z = data[at(k)] - m;
@@ -56,7 +62,11 @@ impl OpSpec for Softmax {
             return Err(op_err!("takes 1 input, got {}", inputs.len()));
         };
         if self.axis >= x.rank() {
-            return Err(op_err!("axis {} is out of range for rank {}", self.axis, x.rank()));
+            return Err(op_err!(
+                "axis {} is out of range for rank {}",
+                self.axis,
+                x.rank()
+            ));
         }
         if !x.dtype.is_float() {
             return Err(op_err!("takes a float tensor, got {}", x.dtype));
@@ -120,6 +130,7 @@ impl crate::builder::GraphBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::dtype::DType;
@@ -128,8 +139,21 @@ mod tests {
     #[test]
     fn infers_and_rejects() {
         let x = TensorType::new(DType::F32, [2, 3]);
-        assert_eq!(Softmax { axis: 1, log: false }.infer(&[&x]).unwrap()[0], x);
-        let e = Softmax { axis: 2, log: false }.infer(&[&x]).unwrap_err();
+        assert_eq!(
+            Softmax {
+                axis: 1,
+                log: false
+            }
+            .infer(&[&x])
+            .unwrap()[0],
+            x
+        );
+        let e = Softmax {
+            axis: 2,
+            log: false,
+        }
+        .infer(&[&x])
+        .unwrap_err();
         assert!(e.0.contains("axis 2 is out of range for rank 2"), "{e}");
         let i = TensorType::new(DType::I64, [2]);
         assert!(Softmax { axis: 0, log: true }.infer(&[&i]).is_err());
@@ -138,16 +162,29 @@ mod tests {
     #[test]
     fn dims_keep_the_axis_whole() {
         let x = TensorType::new(DType::F32, [2, 3, 4]);
-        let d = Softmax { axis: 1, log: false }.dims(&[&x], &[&x]);
+        let d = Softmax {
+            axis: 1,
+            log: false,
+        }
+        .dims(&[&x], &[&x]);
         assert_eq!(d.to_einsum(), "aBc->aBc");
-        let c = Softmax { axis: 1, log: false }.cost(&[&x], &[&x]);
+        let c = Softmax {
+            axis: 1,
+            log: false,
+        }
+        .cost(&[&x], &[&x]);
         assert_eq!(c.flops, 8.0 * 24.0);
     }
 
     #[test]
     fn evaluates() {
         let x = Tensor::new(DType::F64, vec![2, 2], vec![0.0, 0.0, 1000.0, 0.0]);
-        let y = Softmax { axis: 1, log: false }.eval(&[&x]).unwrap();
+        let y = Softmax {
+            axis: 1,
+            log: false,
+        }
+        .eval(&[&x])
+        .unwrap();
         assert_eq!(y[0].data, vec![0.5, 0.5, 1.0, 0.0]);
         let l = Softmax { axis: 0, log: true }.eval(&[&x]).unwrap();
         assert_eq!(l[0].data[0], -1000.0);
@@ -158,7 +195,11 @@ mod tests {
     fn gradients_match_finite_differences() {
         for log in [false, true] {
             for axis in 0..3 {
-                check(Softmax { axis, log }, &[rand_tensor(&[2, 3, 2], 1 + axis as u64)], 1e-6);
+                check(
+                    Softmax { axis, log },
+                    &[rand_tensor(&[2, 3, 2], 1 + axis as u64)],
+                    1e-6,
+                );
             }
         }
     }

@@ -278,7 +278,11 @@ impl OpSpec for Unary {
                 let x2 = bin(b, Mul, x, x)?;
                 let p = scale(b, x2, -0.5)?;
                 let p = un(b, Exp, p)?;
-                let p = scale(b, p, 0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2)?;
+                let p = scale(
+                    b,
+                    p,
+                    0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2,
+                )?;
                 let t = bin(b, Mul, x, p)?;
                 let t = bin(b, Add, cdf, t)?;
                 bin(b, Mul, dy, t)?
@@ -334,6 +338,7 @@ impl crate::builder::GraphBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::ops::gradcheck::{check, rand_tensor};
