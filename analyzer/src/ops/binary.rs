@@ -69,7 +69,6 @@ impl BinaryKind {
         match self {
             BinaryKind::Pow => 9.0,
             BinaryKind::Mod => 4.0,
-            BinaryKind::Div => 1.0,
             _ => 1.0,
         }
     }

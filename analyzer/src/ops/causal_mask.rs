@@ -117,6 +117,7 @@ impl crate::builder::GraphBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -86,8 +86,8 @@ pub(crate) fn label_class(
 }
 
 /// Dim map of the loss and its gradient: one axis per scores dim, the class axis `Whole`, the
-/// others `lead_kind`. `roles` say for each tensor whether it is scores-shaped (`S`),
-/// labels-shaped (`L`) or a scalar (`0`).
+/// others `lead_kind`. `ins` / `outs` give one letter per tensor: scores-shaped (`S`),
+/// labels-shaped (`L`) or a scalar (any other letter, `0` by convention).
 pub(crate) fn ce_dims(scores: &TensorType, lead_kind: AxisKind, ins: &str, outs: &str) -> DimMap {
     let axes = scores
         .shape
@@ -234,6 +234,7 @@ impl crate::builder::GraphBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::dtype::DType;

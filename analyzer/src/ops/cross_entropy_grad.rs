@@ -110,6 +110,7 @@ impl OpSpec for SoftmaxCrossEntropyGrad {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::dtype::DType;

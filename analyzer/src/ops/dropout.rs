@@ -138,6 +138,7 @@ impl crate::builder::GraphBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::ops::gradcheck::{check, rand_tensor};

@@ -83,7 +83,7 @@ pub(crate) fn check_norm_operands(
 
 /// Dim map of a norm over `axis..`: one axis per dim of `x`, the normalised ones `Whole` and
 /// `lead_kind` for the rest; `x`-shaped tensors carry all, feature-shaped ones the normalised
-/// axes, statistics the leading axes. `layout` lists each tensor's role, inputs then outputs.
+/// axes, statistics the leading axes; `inputs` / `outputs` give each tensor's role.
 pub(crate) fn norm_dims(
     x: &TensorType,
     axis: usize,
@@ -194,7 +194,11 @@ impl OpSpec for LayerNorm {
         if !need(0) {
             return Ok(grads);
         }
-        let n = xt.shape[self.axis..].iter().product::<usize>().max(1) as f64;
+        let n = xt
+            .shape
+            .get(self.axis..)
+            .map_or(1, |s| s.iter().product::<usize>())
+            .max(1) as f64;
         let b = &mut *cx.b;
         let mut dx = grads[0];
         // d rstd / dx = -rstd^3 (x - mean) / n
@@ -235,7 +239,7 @@ impl OpSpec for LayerNorm {
         let outs = self.infer(&tys.iter().collect::<Vec<_>>())?;
         let (x, w, bias) = (inputs[0], inputs[1], inputs.get(2));
         let n = w.numel();
-        let rows = if n == 0 { 0 } else { x.numel() / n };
+        let rows = x.numel().checked_div(n).unwrap_or(0);
         let mut y = vec![0.0; x.numel()];
         let mut means = vec![0.0; rows];
         let mut rstds = vec![0.0; rows];

@@ -120,6 +120,7 @@ impl OpSpec for OneHot {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -336,7 +336,11 @@ mod tests {
                 (&[0, 2][..], true),
                 (&[0, 1, 2][..], false),
             ] {
-                check(Reduce::new(kind, axes, keep), &[x.clone()], 1e-6);
+                check(
+                    Reduce::new(kind, axes, keep),
+                    std::slice::from_ref(&x),
+                    1e-6,
+                );
             }
         }
     }

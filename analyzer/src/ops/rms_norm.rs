@@ -75,7 +75,11 @@ impl OpSpec for RmsNorm {
         }
         // d rstd / dx = -rstd^3 x / n
         if let Some(gr) = cx.grads[1] {
-            let n = xt.shape[self.axis..].iter().product::<usize>().max(1) as f64;
+            let n = xt
+                .shape
+                .get(self.axis..)
+                .map_or(1, |s| s.iter().product::<usize>())
+                .max(1) as f64;
             let b = &mut *cx.b;
             let r2 = bin(b, BinaryKind::Mul, rstd, rstd)?;
             let r3 = bin(b, BinaryKind::Mul, r2, rstd)?;
@@ -96,7 +100,7 @@ impl OpSpec for RmsNorm {
         let outs = self.infer(&tys.iter().collect::<Vec<_>>())?;
         let (x, w) = (inputs[0], inputs[1]);
         let n = w.numel();
-        let rows = if n == 0 { 0 } else { x.numel() / n };
+        let rows = x.numel().checked_div(n).unwrap_or(0);
         let mut y = vec![0.0; x.numel()];
         let mut rstds = vec![0.0; rows];
         for r in 0..rows {

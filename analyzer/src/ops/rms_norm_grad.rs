@@ -93,6 +93,7 @@ impl OpSpec for RmsNormGrad {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::dtype::DType;

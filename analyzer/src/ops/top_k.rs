@@ -149,6 +149,7 @@ impl OpSpec for TopK {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::ops::gradcheck::{check, rand_tensor};
