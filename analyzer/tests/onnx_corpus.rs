@@ -241,3 +241,19 @@ fn mlp_tiny_matches_onnxruntime() {
         1e-4,
     );
 }
+
+#[test]
+fn tiny_transformers_match_onnxruntime() {
+    let Some(dir) = corpus_dir() else {
+        eprintln!("shared/corpus not found: skipped");
+        return;
+    };
+    // dynamo (opset 18) and TorchScript (opset 17, training mode with dropout ratio 0)
+    for (onnx, json) in [
+        ("gpt2_tiny/gpt2_tiny.dynamo.full.onnx", "gpt2_tiny/gpt2_tiny.dynamo.ref.json"),
+        ("gpt2_tiny/gpt2_tiny.train.ts.full.onnx", "gpt2_tiny/gpt2_tiny.train.ts.ref.json"),
+        ("llama_tiny/llama_tiny.train.ts.full.onnx", "llama_tiny/llama_tiny.train.ts.ref.json"),
+    ] {
+        check_against_reference(&dir, onnx, json, 1e-3);
+    }
+}

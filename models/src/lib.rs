@@ -15,14 +15,17 @@
 //!   `labels`, the mlp `x` and `target` (mean squared error); see each module;
 //! - dropout (each model's `dropout`) and training-mode BatchNorm follow `training`.
 //!
-//! | name | params | default batch x seq |
+//! | name | parameters | default batch x seq |
 //! |---|---|---|
 //! | `mlp` | 41,956,352 | 64 |
-//! | `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` | 124,439,808 / 354,823,168 / ... | 8 x 1024 (gpt2), 4 x 1024 |
-//! | `llama-1b` (Llama-3.2-1B), `llama-8b` (Llama-3-8B) | 1,235,814,400 / 8,030,261,248 | 8 x 2048 |
-//! | `bert-base`, `bert-large` (masked LM) | 109,514,298 / 335,174,458 | 8 x 512 |
-//! | `vit-b16` | 86,567,656 | 32, 224 x 224 |
-//! | `resnet18`, `resnet50` | 11,689,512 / 25,557,032 | 64, 224 x 224 |
+//! | `gpt2` / `gpt2-medium` / `gpt2-large` / `gpt2-xl` | 124,439,808 / 354,823,168 / 774,030,080 / 1,557,611,200 | 8 x 1024 (gpt2), 4 x 1024 |
+//! | `llama-1b` (Llama-3.2-1B) / `llama-8b` (Llama-3-8B) | 1,235,814,400 / 8,030,261,248 | 8 x 2048 |
+//! | `bert-base` / `bert-large` (masked LM) | 109,514,298 / 335,174,458 | 8 x 512 |
+//! | `vit-b16` | 86,567,656 | 32, 224 x 224 images |
+//! | `resnet18` / `resnet50` | 11,689,512 / 25,557,032 | 64, 224 x 224 images |
+//!
+//! The tests check these counts, and check the tiny GPT-2 and LLaMA logits against PyTorch's
+//! (the corpus's `gpt2_tiny` / `llama_tiny` weights and onnxruntime outputs).
 //!
 //! Names also accept `_` for `-` (`gpt2_medium`) and the corpus's spellings (`gpt2_small`,
 //! `bert_base_mlm`, `vit_b_16`). The corpus's `llama_1b` is a different (TinyLlama-like)

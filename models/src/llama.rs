@@ -159,3 +159,34 @@ pub(crate) fn build(net: &mut Net<'_>) -> R<ValueId> {
     })?;
     net.cross_entropy("loss", logits, labels, Some(IGNORE_INDEX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_rope_scaling_divides_only_low_frequencies() {
+        let plain = inv_freq(128, 500000.0, None);
+        assert_eq!(plain.len(), 64);
+        assert_eq!(plain[0], 1.0);
+        assert!((plain[1] - 500000f64.powf(-2.0 / 128.0)).abs() < 1e-15);
+        // factor 1 is the identity (up to rounding in the blended band)
+        let one = inv_freq(128, 500000.0, Some(RopeScaling::llama3(1.0)));
+        assert!(one
+            .iter()
+            .zip(&plain)
+            .all(|(a, b)| (a - b).abs() <= 1e-15 * b));
+        let scaled = inv_freq(128, 500000.0, Some(RopeScaling::llama3(32.0)));
+        let wavelen = |f: f64| 2.0 * std::f64::consts::PI / f;
+        for (p, s) in plain.iter().zip(&scaled) {
+            if wavelen(*p) < 8192.0 / 4.0 {
+                assert_eq!(p, s, "high frequency kept");
+            } else if wavelen(*p) > 8192.0 {
+                assert!((p / 32.0 - s).abs() < 1e-18, "low frequency divided");
+            } else {
+                assert!(s < p && *s > p / 32.0, "medium frequency blended");
+            }
+        }
+        assert!(scaled.iter().zip(&plain).any(|(s, p)| s != p));
+    }
+}

@@ -1,1 +1,13 @@
-//! Sharding solver (issue 3): strategies, cost model, ILP. Not yet implemented.
+//! The sharding solver of autopar (see ARCHITECTURE.md).
+//!
+//! Data flow: `Mesh` + per-op strategies (from each op's `DimMap`) -> `Problem` (plain numbers:
+//! no graph types) -> ILP -> `Solution` -> `Plan`. Resharding between any two specs is decided
+//! by one function, [`reshard::transition`]; the solver prices it, the generator emits it.
+
+pub mod cluster;
+pub mod mesh;
+pub mod problem;
+pub mod spec;
+
+pub use mesh::{Mesh, MeshAxis};
+pub use spec::ShardingSpec;

@@ -1,0 +1,124 @@
+//! The logical device mesh: an N-D grid of devices, each axis with its own link model.
+//!
+//! `--mesh 2x4` is 8 devices in a 2 x 4 grid, row-major: device `d` has coordinates
+//! `(d / 4, d % 4)`. Axes are mapped onto the physical hierarchy from the innermost outward:
+//! the last axes span the GPUs of one node (NVLink) as long as their product divides the GPUs
+//! per node; an axis that crosses nodes uses the inter-node network. Each axis gets an
+//! alpha-beta link (latency, bandwidth) from the cluster, so collectives over different axes
+//! cost differently.
+
+use crate::cluster::Cluster;
+use serde::{Deserialize, Serialize};
+
+/// Index of a mesh axis.
+pub type MeshAxis = usize;
+
+/// Which physical link an axis runs over.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkKind {
+    /// Inside a node (NVLink / NVSwitch).
+    IntraNode,
+    /// Across nodes (InfiniBand / Ethernet).
+    InterNode,
+}
+
+/// Alpha-beta model of collectives over one mesh axis.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    pub kind: LinkKind,
+    /// Latency per collective step, seconds.
+    pub alpha_s: f64,
+    /// Bus bandwidth per device, bytes per second.
+    pub bandwidth: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mesh {
+    pub shape: Vec<usize>,
+    pub links: Vec<Link>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum MeshError {
+    #[error("bad mesh {0:?}: expected sizes separated by 'x', e.g. 8, 2x4 or 2x2x2")]
+    Syntax(String),
+    #[error("bad mesh {0:?}: every axis must have at least 1 device")]
+    Empty(String),
+    #[error("mesh {mesh} has {devices} devices: with {gpus_per_node} GPUs per node, an axis must fit within a node or span whole nodes")]
+    Hierarchy { mesh: String, devices: usize, gpus_per_node: usize },
+}
+
+impl Mesh {
+    /// Parses `8`, `2x4`, `2x2x2` (sizes only; links from [`Mesh::on_cluster`]).
+    pub fn parse_shape(s: &str) -> Result<Vec<usize>, MeshError> {
+        let shape: Vec<usize> = s
+            .trim()
+            .split(['x', 'X'])
+            .map(|p| p.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| MeshError::Syntax(s.to_string()))?;
+        if shape.is_empty() {
+            return Err(MeshError::Syntax(s.to_string()));
+        }
+        if shape.contains(&0) {
+            return Err(MeshError::Empty(s.to_string()));
+        }
+        Ok(shape)
+    }
+
+    /// A mesh of `shape` on `cluster` with `gpus_per_node` GPUs per node: axes are assigned to
+    /// NVLink from the last axis inward while they fit in a node, the rest to the network.
+    pub fn on_cluster(shape: Vec<usize>, cluster: &Cluster, gpus_per_node: usize) -> Result<Mesh, MeshError> {
+        let name = shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("x");
+        let gpn = gpus_per_node.max(1);
+        let mut inner = 1usize;
+        let mut links = vec![];
+        let mut crossed = false;
+        for &n in shape.iter().rev() {
+            let kind = if !crossed && inner * n <= gpn && gpn % (inner * n) == 0 {
+                inner *= n;
+                LinkKind::IntraNode
+            } else {
+                // an axis that crosses nodes must span whole nodes: its stride is a multiple
+                // of the node size, or it straddles nodes irregularly
+                if !crossed && inner < gpn && n > 1 && (inner * n) % gpn != 0 {
+                    return Err(MeshError::Hierarchy { mesh: name.clone(), devices: shape.iter().product(), gpus_per_node: gpn });
+                }
+                crossed = crossed || n > 1;
+                LinkKind::InterNode
+            };
+            let (alpha_s, bandwidth) = match kind {
+                LinkKind::IntraNode => (cluster.intra_node_latency_s, cluster.intra_node_bandwidth),
+                LinkKind::InterNode => (cluster.inter_node_latency_s, cluster.inter_node_bandwidth),
+            };
+            links.push(Link { kind, alpha_s, bandwidth });
+        }
+        links.reverse();
+        Ok(Mesh { shape, links })
+    }
+
+    pub fn num_devices(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn ndim(&self) -> usize {
+        self.shape.len()
+    }
+    pub fn axis_size(&self, a: MeshAxis) -> usize {
+        self.shape[a]
+    }
+    /// Coordinates of device `d` (row-major).
+    pub fn coords(&self, d: usize) -> Vec<usize> {
+        let mut c = vec![0; self.shape.len()];
+        let mut r = d;
+        for i in (0..self.shape.len()).rev() {
+            c[i] = r % self.shape[i];
+            r /= self.shape[i];
+        }
+        c
+    }
+    /// `2x4`.
+    pub fn name(&self) -> String {
+        self.shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("x")
+    }
+}
