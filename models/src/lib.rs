@@ -60,7 +60,7 @@ pub enum ModelError {
         value: String,
         reason: String,
     },
-    #[error("{model}: building the graph failed: {source}")]
+    #[error("{model}: building the graph failed")]
     Build {
         model: String,
         #[source]
