@@ -243,6 +243,10 @@ fn mlp_tiny_matches_onnxruntime() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "slow in debug builds (about 80 s, 2 s in release): cargo test --release"
+)]
 fn tiny_transformers_match_onnxruntime() {
     let Some(dir) = corpus_dir() else {
         eprintln!("shared/corpus not found: skipped");
@@ -250,9 +254,18 @@ fn tiny_transformers_match_onnxruntime() {
     };
     // dynamo (opset 18) and TorchScript (opset 17, training mode with dropout ratio 0)
     for (onnx, json) in [
-        ("gpt2_tiny/gpt2_tiny.dynamo.full.onnx", "gpt2_tiny/gpt2_tiny.dynamo.ref.json"),
-        ("gpt2_tiny/gpt2_tiny.train.ts.full.onnx", "gpt2_tiny/gpt2_tiny.train.ts.ref.json"),
-        ("llama_tiny/llama_tiny.train.ts.full.onnx", "llama_tiny/llama_tiny.train.ts.ref.json"),
+        (
+            "gpt2_tiny/gpt2_tiny.dynamo.full.onnx",
+            "gpt2_tiny/gpt2_tiny.dynamo.ref.json",
+        ),
+        (
+            "gpt2_tiny/gpt2_tiny.train.ts.full.onnx",
+            "gpt2_tiny/gpt2_tiny.train.ts.ref.json",
+        ),
+        (
+            "llama_tiny/llama_tiny.train.ts.full.onnx",
+            "llama_tiny/llama_tiny.train.ts.ref.json",
+        ),
     ] {
         check_against_reference(&dir, onnx, json, 1e-3);
     }

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod mesh;
 pub mod problem;
 pub mod spec;
+pub mod strategy;
 
 pub use mesh::{Mesh, MeshAxis};
 pub use spec::ShardingSpec;
