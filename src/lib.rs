@@ -3,10 +3,14 @@
 //! This crate is the pipeline as a library; the `autopar` binary is a thin layer over it.
 //! Today it covers the analyzer stages: [`load_model`] (a built-in name, an ONNX file),
 //! [`build_training`] (forward + loss + backward) and [`inspect`] (the meta-shape profile of a
-//! training step). See ARCHITECTURE.md for the stages that follow (solver, generator, runtime).
+//! training step), and [`plan_model`] (the sharding plan on a device mesh, see [`planner`]).
+//! See ARCHITECTURE.md for the stages that follow (generator, runtime).
+
+pub mod planner;
 
 pub use autopar_analyzer as analyzer;
 pub use autopar_models as models;
+pub use autopar_solver as solver;
 
 use analyzer::onnx::{ImportOptions, InputOverride};
 use analyzer::profile::Profile;
@@ -215,4 +219,36 @@ pub fn inspect(
         peak_memory_bytes: profile.peak_memory_bytes,
         profile,
     })
+}
+
+/// Plans `model` on a mesh: builds the training graph, profiles it and solves for the sharding
+/// plan (see [`planner`]).
+pub fn plan_model(model: &LoadedModel, opts: &LoadOptions, plan: &planner::PlanOptions) -> Result<solver::plan::Plan, Error> {
+    let tg = build_training(model, opts)?;
+    let profile = analyzer::profile::profile(&tg, plan.optimizer, plan.policy);
+    planner::plan(&model.name, &tg, &profile, plan)
+}
+
+/// Parses a byte size: `40GiB`, `16GB`, `512MiB`, `1e9` (bytes); `G`/`M`/`K` alone are binary.
+pub fn parse_bytes(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().map_err(|_| format!("bad size {s:?}: expected e.g. 40GiB, 16GB or 512MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "kb" => 1e3,
+        "m" | "mib" => 1024.0f64.powi(2),
+        "mb" => 1e6,
+        "g" | "gib" => 1024.0f64.powi(3),
+        "gb" => 1e9,
+        "t" | "tib" => 1024.0f64.powi(4),
+        "tb" => 1e12,
+        _ => return Err(format!("bad size {s:?}: unknown unit {unit:?}")),
+    };
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("bad size {s:?}: must be positive"));
+    }
+    Ok(n * mult)
 }

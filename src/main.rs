@@ -22,6 +22,48 @@ struct Cli {
 enum Command {
     /// Import a model, build its training step and print its meta-shape profile.
     Inspect(InspectArgs),
+    /// Find how to shard the training step of a model over a device mesh.
+    Plan(PlanArgs),
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Logical device mesh: 8, 2x4, 2x2x2.
+    #[arg(long)]
+    mesh: String,
+    /// Cluster preset (h100, h200, a100) or a cluster JSON file.
+    #[arg(long, default_value = "h100")]
+    cluster: String,
+    /// GPUs per node (default: the cluster's).
+    #[arg(long = "gpus-per-node")]
+    gpus_per_node: Option<usize>,
+    /// Per-device memory budget, e.g. 40GiB (default: the GPU's memory).
+    #[arg(long)]
+    memory: Option<String>,
+    /// auto (the solver's choice) or a hand-written family priced by the same model: dp, tp, fsdp.
+    #[arg(long, default_value = "auto")]
+    strategy: String,
+    /// ILP backend: cbc, or highs (when built with the `highs` feature).
+    #[arg(long, default_value = "cbc")]
+    solver: String,
+    /// ILP time limit in seconds.
+    #[arg(long = "time-limit")]
+    time_limit: Option<f64>,
+    /// Do not share decisions between repeated layers (slower, for comparison).
+    #[arg(long = "no-share-layers")]
+    no_share_layers: bool,
+    #[arg(long, value_enum, default_value = "fp32")]
+    dtype: DTypeArg,
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: OptimizerArg,
+    /// Print one JSON object (summary and solver report) instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Write the full plan (versioned JSON) to this file.
+    #[arg(short = 'o', long = "output")]
+    output: Option<std::path::PathBuf>,
 }
 
 /// How a model is chosen and shaped (shared by the commands that load one).
@@ -291,6 +333,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match &cli.command {
         Command::Inspect(a) => inspect(a),
+        Command::Plan(a) => plan(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -1026,3 +1026,555 @@ fn data_dependent_shapes_are_rejected() {
          but it is computed from run-time data"
     );
 }
+
+// ---- every lowering -------------------------------------------------------------------------
+
+/// One node of `op` on graph inputs `ins` and initializers `inits`, with outputs declared as
+/// `outs` (dtype code, dims): the importer checks its inferred types against them.
+fn one_op(
+    op: &str,
+    ins: &[(&str, i32, &[i64])],
+    inits: Vec<TensorProto>,
+    attrs: Vec<AttributeProto>,
+    outs: &[(i32, &[i64])],
+) -> Result<ImportedModel, AnalyzerError> {
+    let mut names: Vec<&str> = ins.iter().map(|i| i.0).collect();
+    names.extend(inits.iter().map(|t| t.name.as_str()));
+    let out_names: Vec<String> = (0..outs.len()).map(|i| format!("y{i}")).collect();
+    let out_refs: Vec<&str> = out_names.iter().map(|s| s.as_str()).collect();
+    let inputs = ins
+        .iter()
+        .map(|(n, e, d)| vi(n, *e, &d.iter().map(|&k| Dim::N(k)).collect::<Vec<_>>()))
+        .collect();
+    let outputs = outs
+        .iter()
+        .zip(&out_names)
+        .map(|((e, d), n)| vi(n, *e, &d.iter().map(|&k| Dim::N(k)).collect::<Vec<_>>()))
+        .collect();
+    let g = graph(
+        vec![node(op, op, &names, &out_refs, attrs)],
+        inits,
+        inputs,
+        outputs,
+    );
+    import(&model_bytes(20, g))
+}
+
+const F: i32 = data_type::FLOAT;
+const I: i32 = data_type::INT64;
+const B: i32 = data_type::BOOL;
+
+#[test]
+fn every_lowering_imports() {
+    let x: (&str, i32, &[i64]) = ("x", F, &[2, 3, 4]);
+    let p: (&str, i32, &[i64]) = ("p", B, &[2, 3]);
+    let q: (&str, i32, &[i64]) = ("q", B, &[2, 3]);
+    let img: (&str, i32, &[i64]) = ("img", F, &[2, 3, 8, 8]);
+    let ids: (&str, i32, &[i64]) = ("ids", I, &[2, 3]);
+    let w = |name: &str, dims: &[i64]| {
+        f32_tensor(name, dims, &ramp(dims.iter().product::<i64>() as usize))
+    };
+    let ints = |name: &str, dims: &[i64], v: &[i64]| i64_tensor(name, dims, v);
+    let scalar_f = |name: &str, v: f32| f32_tensor(name, &[], &[v]);
+    let bool_t = |name: &str, v: bool| TensorProto {
+        name: name.into(),
+        data_type: B,
+        raw_data: vec![v as u8],
+        ..Default::default()
+    };
+    let mut cases: Vec<(&str, Result<ImportedModel, AnalyzerError>)> = vec![];
+    for op in [
+        "Abs",
+        "Neg",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Reciprocal",
+        "Sin",
+        "Cos",
+        "Tanh",
+        "Sigmoid",
+        "Relu",
+        "Erf",
+        "Floor",
+        "Ceil",
+        "Sign",
+        "Softplus",
+        "Gelu",
+        "Identity",
+    ] {
+        cases.push((op, one_op(op, &[x], vec![], vec![], &[(F, &[2, 3, 4])])));
+    }
+    for op in ["IsNaN", "IsInf"] {
+        cases.push((op, one_op(op, &[x], vec![], vec![], &[(B, &[2, 3, 4])])));
+    }
+    cases.push(("Not", one_op("Not", &[p], vec![], vec![], &[(B, &[2, 3])])));
+    for op in ["And", "Or", "Xor"] {
+        cases.push((op, one_op(op, &[p, q], vec![], vec![], &[(B, &[2, 3])])));
+    }
+    for op in [
+        "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean",
+    ] {
+        cases.push((
+            op,
+            one_op(op, &[x], vec![w("c", &[4])], vec![], &[(F, &[2, 3, 4])]),
+        ));
+    }
+    for op in ["Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"] {
+        cases.push((
+            op,
+            one_op(op, &[x], vec![w("c", &[3, 1])], vec![], &[(B, &[2, 3, 4])]),
+        ));
+    }
+    cases.push((
+        "Mod",
+        one_op(
+            "Mod",
+            &[ids],
+            vec![ints("m", &[], &[3])],
+            vec![],
+            &[(I, &[2, 3])],
+        ),
+    ));
+    cases.push((
+        "Clip",
+        one_op(
+            "Clip",
+            &[x],
+            vec![scalar_f("lo", -0.5), scalar_f("hi", 0.5)],
+            vec![],
+            &[(F, &[2, 3, 4])],
+        ),
+    ));
+    cases.push((
+        "Cast",
+        one_op(
+            "Cast",
+            &[x],
+            vec![],
+            vec![attr_i("to", I as i64)],
+            &[(I, &[2, 3, 4])],
+        ),
+    ));
+    cases.push((
+        "CastLike",
+        one_op("CastLike", &[x, ids], vec![], vec![], &[(I, &[2, 3, 4])]),
+    ));
+    cases.push((
+        "Where",
+        one_op(
+            "Where",
+            &[p, ("a", F, &[2, 3]), ("b", F, &[3])],
+            vec![],
+            vec![],
+            &[(F, &[2, 3])],
+        ),
+    ));
+    for op in [
+        "ReduceSum",
+        "ReduceMean",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceSumSquare",
+        "ReduceL2",
+    ] {
+        let axes = vec![ints("axes", &[1], &[-2])];
+        cases.push((
+            op,
+            one_op(op, &[x], axes, vec![attr_i("keepdims", 0)], &[(F, &[2, 4])]),
+        ));
+    }
+    // opset 17 form: axes as an attribute
+    cases.push((
+        "ReduceMean(attr)",
+        one_op(
+            "ReduceMean",
+            &[x],
+            vec![],
+            vec![attr_ints("axes", &[-1])],
+            &[(F, &[2, 3, 1])],
+        ),
+    ));
+    for op in ["Softmax", "LogSoftmax"] {
+        cases.push((
+            op,
+            one_op(
+                op,
+                &[x],
+                vec![],
+                vec![attr_i("axis", 1)],
+                &[(F, &[2, 3, 4])],
+            ),
+        ));
+    }
+    cases.push((
+        "Flatten",
+        one_op(
+            "Flatten",
+            &[x],
+            vec![],
+            vec![attr_i("axis", 2)],
+            &[(F, &[6, 4])],
+        ),
+    ));
+    cases.push((
+        "Squeeze",
+        one_op(
+            "Squeeze",
+            &[("s", F, &[2, 1, 4])],
+            vec![ints("a", &[1], &[1])],
+            vec![],
+            &[(F, &[2, 4])],
+        ),
+    ));
+    cases.push((
+        "Unsqueeze",
+        one_op(
+            "Unsqueeze",
+            &[x],
+            vec![ints("a", &[2], &[0, -1])],
+            vec![],
+            &[(F, &[1, 2, 3, 4, 1])],
+        ),
+    ));
+    cases.push((
+        "Transpose",
+        one_op("Transpose", &[x], vec![], vec![], &[(F, &[4, 3, 2])]),
+    ));
+    cases.push((
+        "Tile",
+        one_op(
+            "Tile",
+            &[x],
+            vec![ints("r", &[3], &[1, 2, 1])],
+            vec![],
+            &[(F, &[2, 6, 4])],
+        ),
+    ));
+    cases.push((
+        "Pad",
+        one_op(
+            "Pad",
+            &[x],
+            vec![ints("pads", &[6], &[0, 1, 0, 0, 2, 3]), scalar_f("v", 1.0)],
+            vec![],
+            &[(F, &[2, 6, 7])],
+        ),
+    ));
+    cases.push((
+        "Expand",
+        one_op(
+            "Expand",
+            &[x],
+            vec![ints("s", &[4], &[5, 1, 1, 1])],
+            vec![],
+            &[(F, &[5, 2, 3, 4])],
+        ),
+    ));
+    cases.push((
+        "Concat",
+        one_op(
+            "Concat",
+            &[x, x],
+            vec![],
+            vec![attr_i("axis", -1)],
+            &[(F, &[2, 3, 8])],
+        ),
+    ));
+    cases.push((
+        "Gather",
+        one_op(
+            "Gather",
+            &[x, ids],
+            vec![],
+            vec![attr_i("axis", 1)],
+            &[(F, &[2, 2, 3, 4])],
+        ),
+    ));
+    cases.push((
+        "GatherND",
+        one_op(
+            "GatherND",
+            &[x, ("i", I, &[5, 2])],
+            vec![],
+            vec![],
+            &[(F, &[5, 4])],
+        ),
+    ));
+    cases.push((
+        "ScatterElements",
+        one_op(
+            "ScatterElements",
+            &[x],
+            vec![ints("i", &[1, 1, 4], &[0, 2, 1, 0]), w("u", &[1, 1, 4])],
+            vec![attr_i("axis", 1), attr_s("reduction", "add")],
+            &[(F, &[2, 3, 4])],
+        ),
+    ));
+    cases.push((
+        "ScatterND",
+        one_op(
+            "ScatterND",
+            &[x],
+            vec![ints("i", &[2, 1], &[1, 0]), w("u", &[2, 3, 4])],
+            vec![],
+            &[(F, &[2, 3, 4])],
+        ),
+    ));
+    cases.push((
+        "OneHot",
+        one_op(
+            "OneHot",
+            &[ids],
+            vec![ints("depth", &[], &[5]), w("vals", &[2])],
+            vec![],
+            &[(F, &[2, 3, 5])],
+        ),
+    ));
+    cases.push((
+        "TopK",
+        one_op(
+            "TopK",
+            &[x],
+            vec![ints("k", &[1], &[2])],
+            vec![attr_i("axis", 1)],
+            &[(F, &[2, 2, 4]), (I, &[2, 2, 4])],
+        ),
+    ));
+    cases.push((
+        "NonZero",
+        one_op(
+            "NonZero",
+            &[],
+            vec![ints("c", &[2, 2], &[0, 3, 4, 0])],
+            vec![],
+            &[(I, &[2, 2])],
+        ),
+    ));
+    cases.push((
+        "Conv",
+        one_op(
+            "Conv",
+            &[img],
+            vec![w("k", &[6, 3, 3, 3]), w("bias", &[6])],
+            vec![
+                attr_ints("strides", &[2, 2]),
+                attr_s("auto_pad", "SAME_UPPER"),
+            ],
+            &[(F, &[2, 6, 4, 4])],
+        ),
+    ));
+    cases.push((
+        "MaxPool",
+        one_op(
+            "MaxPool",
+            &[img],
+            vec![],
+            vec![
+                attr_ints("kernel_shape", &[3, 3]),
+                attr_ints("strides", &[2, 2]),
+                attr_ints("pads", &[1, 1, 1, 1]),
+            ],
+            &[(F, &[2, 3, 4, 4])],
+        ),
+    ));
+    cases.push((
+        "AveragePool",
+        one_op(
+            "AveragePool",
+            &[img],
+            vec![],
+            vec![
+                attr_ints("kernel_shape", &[3, 3]),
+                attr_ints("strides", &[2, 2]),
+                attr_i("ceil_mode", 1),
+            ],
+            &[(F, &[2, 3, 4, 4])],
+        ),
+    ));
+    for op in ["GlobalAveragePool", "GlobalMaxPool"] {
+        cases.push((
+            op,
+            one_op(op, &[img], vec![], vec![], &[(F, &[2, 3, 1, 1])]),
+        ));
+    }
+    let bn = || vec![w("s", &[3]), w("b", &[3]), w("mean", &[3]), w("var", &[3])];
+    cases.push((
+        "BatchNormalization",
+        one_op(
+            "BatchNormalization",
+            &[img],
+            bn(),
+            vec![],
+            &[(F, &[2, 3, 8, 8])],
+        ),
+    ));
+    cases.push((
+        "BatchNormalization(train)",
+        one_op(
+            "BatchNormalization",
+            &[img],
+            bn(),
+            vec![attr_i("training_mode", 1)],
+            &[(F, &[2, 3, 8, 8]), (F, &[3]), (F, &[3])],
+        ),
+    ));
+    cases.push((
+        "LayerNormalization",
+        one_op(
+            "LayerNormalization",
+            &[x],
+            vec![w("s", &[3, 4]), w("b", &[3, 4])],
+            vec![attr_i("axis", 1)],
+            &[(F, &[2, 3, 4]), (F, &[2, 1, 1]), (F, &[2, 1, 1])],
+        ),
+    ));
+    cases.push((
+        "Shape",
+        one_op(
+            "Shape",
+            &[x],
+            vec![],
+            vec![attr_i("start", -2)],
+            &[(I, &[2])],
+        ),
+    ));
+    cases.push(("Size", one_op("Size", &[x], vec![], vec![], &[(I, &[])])));
+    cases.push((
+        "ConstantOfShape",
+        one_op(
+            "ConstantOfShape",
+            &[],
+            vec![ints("s", &[2], &[512, 512])],
+            vec![],
+            &[(F, &[512, 512])],
+        ),
+    ));
+    cases.push((
+        "Constant",
+        one_op(
+            "Constant",
+            &[],
+            vec![],
+            vec![attr_ints("value_ints", &[1, 2, 3])],
+            &[(I, &[3])],
+        ),
+    ));
+    cases.push((
+        "Range",
+        one_op(
+            "Range",
+            &[],
+            vec![scalar_f("a", 1.0), scalar_f("b", 2.0), scalar_f("d", 0.25)],
+            vec![],
+            &[(F, &[4])],
+        ),
+    ));
+    cases.push((
+        "Dropout(train)",
+        one_op(
+            "Dropout",
+            &[x],
+            vec![scalar_f("r", 0.2), bool_t("t", true)],
+            vec![],
+            &[(F, &[2, 3, 4]), (B, &[2, 3, 4])],
+        ),
+    ));
+    cases.push((
+        "SoftmaxCrossEntropyLoss(none)",
+        one_op(
+            "SoftmaxCrossEntropyLoss",
+            &[x, ("lab", I, &[2, 4])],
+            vec![],
+            vec![attr_s("reduction", "none")],
+            &[(F, &[2, 4]), (F, &[2, 3, 4])],
+        ),
+    ));
+    cases.push((
+        "Split(num_outputs)",
+        one_op(
+            "Split",
+            &[("v", F, &[7])],
+            vec![],
+            vec![attr_i("num_outputs", 3)],
+            &[(F, &[3]), (F, &[3]), (F, &[1])],
+        ),
+    ));
+    cases.push((
+        "MatMul",
+        one_op(
+            "MatMul",
+            &[x],
+            vec![w("m", &[4, 5])],
+            vec![],
+            &[(F, &[2, 3, 5])],
+        ),
+    ));
+    cases.push((
+        "Gemm",
+        one_op(
+            "Gemm",
+            &[("a", F, &[4, 3])],
+            vec![w("m", &[4, 5])],
+            vec![attr_i("transA", 1)],
+            &[(F, &[3, 5])],
+        ),
+    ));
+    cases.push((
+        "Einsum",
+        one_op(
+            "Einsum",
+            &[x],
+            vec![w("m", &[4, 5])],
+            vec![attr_s("equation", "bsk,kn->bns")],
+            &[(F, &[2, 5, 3])],
+        ),
+    ));
+    let mut failures = vec![];
+    for (name, r) in &cases {
+        if let Err(e) = r {
+            failures.push(format!("{name}: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // every entry of the dispatch table is exercised above (or by the tests before)
+    let covered: Vec<&str> = cases
+        .iter()
+        .map(|(n, _)| n.split('(').next().unwrap_or(n))
+        .collect();
+    for (op, _) in autopar_analyzer::onnx::ops::TABLE {
+        assert!(
+            covered.contains(op) || ["Reshape", "Slice"].contains(op),
+            "{op} has no case"
+        );
+    }
+}
+
+#[test]
+fn constant_non_zero_evaluates_and_range_is_exact() {
+    let m = one_op(
+        "NonZero",
+        &[],
+        vec![i64_tensor("c", &[2, 2], &[0, 3, 4, 0])],
+        vec![],
+        &[(I, &[2, 2])],
+    )
+    .expect("import");
+    let v = m.graph.outputs[0];
+    let t = m.graph.const_value(v).expect("a constant");
+    assert_eq!(t.to_i64_vec(), vec![0, 1, 1, 0]);
+    let m = one_op(
+        "Range",
+        &[],
+        vec![
+            i64_tensor("a", &[], &[10]),
+            i64_tensor("b", &[], &[1]),
+            i64_tensor("d", &[], &[-3]),
+        ],
+        vec![],
+        &[(I, &[3])],
+    )
+    .expect("import");
+    let t = m.graph.const_value(m.graph.outputs[0]).expect("a constant");
+    assert_eq!(t.to_i64_vec(), vec![10, 7, 4]);
+}

@@ -5,8 +5,11 @@
 //! by one function, [`reshard::transition`]; the solver prices it, the generator emits it.
 
 pub mod cluster;
+pub mod ilp;
 pub mod mesh;
+pub mod plan;
 pub mod problem;
+pub mod reshard;
 pub mod spec;
 pub mod strategy;
 

@@ -23,6 +23,9 @@
 //!
 //! Entry points: [`import_onnx`] (a file), [`import_onnx_bytes`] (bytes plus the directory
 //! external data is relative to), [`parse_input_override`] (the CLI's `--input NAME=8x1024:i64`).
+//!
+//! [`WeightData::External`]: crate::graph::WeightData::External
+//! [`WeightData::Absent`]: crate::graph::WeightData::Absent
 
 pub mod classify;
 mod compact;

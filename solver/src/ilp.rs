@@ -1,0 +1,870 @@
+//! The sharding ILP: picks one strategy per node of a [`Problem`] at least total cost, within
+//! the memory budget, and says how far from optimal the answer can be.
+//!
+//! Why an ILP: the choice of one node constrains its neighbours through resharding costs and all
+//! nodes together through memory, so greedy or per-chain dynamic programming can be far off;
+//! Alpa and XLA's auto-sharding solve the same model exactly. The backend is CBC (always built)
+//! or HiGHS (cargo feature `highs`), driven through `good_lp`.
+//!
+//! # Formulation
+//!
+//! Notation: `S_n` the strategies of node `n`; `F` the *free* nodes, those the reductions below
+//! leave with two or more strategies; `P` the *coupled pairs* `p = {u, v}`, nodes joined by an
+//! edge whose cost does not split into a part of `u` plus a part of `v`; `κ_p,u(s)` the class of
+//! strategy `s` of `u` in pair `p` (strategies with the same cost row share a class).
+//!
+//! Variables:
+//! - `x[n][s] ∈ {0, 1}` for `n ∈ F`, `s ∈ S_n`: node `n` takes strategy `s`;
+//! - `y[p][a][b] ≥ 0` (continuous) for `p ∈ P` and each pair of classes `(a, b)` of its ends:
+//!   the pair takes classes `a` and `b`.
+//!
+//! Objective (seconds times `σ`, a power of two that brings the largest coefficient near 1):
+//!
+//! ```text
+//! min  K + Σ_{n∈F} Σ_s c[n][s]·x[n][s] + Σ_{p∈P} Σ_{a,b} w[p][a][b]·y[p][a][b]
+//! ```
+//!
+//! Constraints, by family (the letters name the code that adds them, see [`Family`]):
+//!
+//! ```text
+//! (A) Σ_s x[n][s] = 1                                   n ∈ F          one strategy per node
+//! (B) Σ_b y[p][a][b] = Σ_{s: κ_p,u(s)=a} x[u][s]        p = {u,v}, a   rows of y: u's class
+//! (C) Σ_a y[p][a][b] = Σ_{t: κ_p,v(t)=b} x[v][t]        p = {u,v}, b   columns of y: v's class
+//! (D) Σ_{(n,s)} m[r][n][s]·x[n][s] ≤ β_r                  memory row r   bytes in GiB
+//! ```
+//!
+//! For binary `x`, (B) and (C) fix both marginals of `y[p]` to unit vectors, so `y[p]` is the
+//! indicator of the chosen class pair and `Σ w·y` is exactly the pair's cost: no product of
+//! variables is needed, and no `y` needs to be integer.
+//!
+//! # Reductions (each exact; they decide the model's size and hence the solve time)
+//!
+//! 1. A node with one strategy has no variable; its costs and bytes go to the constants.
+//! 2. A self-edge (`src == dst`, both ends take the same strategy) is linear: its diagonal cost
+//!    `cost[cls_src(s)][cls_dst(s)]` is added to `c[n][s]`.
+//! 3. All edges joining the same two nodes (either direction) are summed into one matrix over
+//!    *joint* classes (the tuple of a strategy's classes across those edges).
+//! 4. That matrix `W` is split as `W[i][j] = r[i] + q[j] + R[i][j]` with `R`'s first row and
+//!    column zero; `r` and `q` go to the nodes' linear costs. If `R = 0` (the cost is
+//!    separable: constant, or dependent on one side only) the pair needs no `y`. Otherwise the
+//!    classes are the distinct rows and columns of `R`, so `y` has as few entries as possible.
+//! 5. Memory: a node's smallest byte count goes to the row's constant (exact under (A)); a row
+//!    that no plan can break is dropped; a row that every plan breaks is [`SolveError::Infeasible`]
+//!    before any solve; rows with the same terms keep the smallest budget.
+//! 6. A free node left in no pair and no memory row takes its cheapest strategy directly.
+//! 7. Each node's cheapest linear cost moves into `K`, so the solver sees small non-negative
+//!    numbers; the constant `K` never reaches the solver.
+//!
+//! # Lower bound and gap
+//!
+//! [`SolveResult::lower_bound`] is the backend's own best bound at the end of branch and bound
+//! (CBC `getBestPossibleObjValue`, HiGHS `mip_dual_bound`), mapped back to seconds
+//! ([`BoundSource::Backend`]). If the backend gives none that is finite, the bound is the
+//! optimum of the LP relaxation (the same model with `0 ≤ x ≤ 1`), solved once more
+//! ([`BoundSource::LpRelaxation`]). When the reductions fix every node no solver runs and the
+//! bound is the objective itself ([`BoundSource::Exact`]). The reported objective is always
+//! recomputed by [`evaluate`] from the decoded plan, never taken from the solver.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Instant;
+
+use good_lp::solvers::{ResolutionError, SolutionStatus};
+use good_lp::{constraint, variable, Constraint, Expression, ProblemVariables, Solution as _, SolverModel, Variable};
+
+use crate::problem::{evaluate, Problem, Solution};
+
+/// Bytes per unit of the memory rows given to the solver: bytes are ~1e9, so rows in bytes would
+/// be far outside the solvers' tolerances' comfort zone.
+const GIB: f64 = (1u64 << 30) as f64;
+/// Relative slack on the budget that [`evaluate`] allows; the reductions use the same.
+const BUDGET_SLACK: f64 = 1e-9;
+/// Matrix entries closer than this (relative to the matrix's largest entry) count as equal when
+/// classes are merged and separability is tested.
+const MERGE_TOL: f64 = 1e-12;
+/// How far from 0 or 1 a decoded `x` may be and still count as integral.
+const INTEGRALITY_TOL: f64 = 1e-5;
+
+/// Which MIP solver runs the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// COIN-OR CBC, always built (the system library `coinor-libcbc`).
+    #[default]
+    Cbc,
+    /// HiGHS, built from source with the cargo feature `highs`.
+    #[cfg(feature = "highs")]
+    Highs,
+}
+
+impl Backend {
+    /// The backends this build can run, by the names [`Backend::parse`] accepts.
+    pub fn available() -> &'static [&'static str] {
+        #[cfg(feature = "highs")]
+        {
+            &["cbc", "highs"]
+        }
+        #[cfg(not(feature = "highs"))]
+        {
+            &["cbc"]
+        }
+    }
+
+    /// `"cbc"` or `"highs"` (any case). `"highs"` in a build without the `highs` feature is an
+    /// error that says how to get it.
+    pub fn parse(name: &str) -> Result<Backend, SolveError> {
+        match name.to_ascii_lowercase().as_str() {
+            "cbc" | "coin_cbc" | "coin-cbc" => Ok(Backend::Cbc),
+            #[cfg(feature = "highs")]
+            "highs" => Ok(Backend::Highs),
+            #[cfg(not(feature = "highs"))]
+            "highs" => Err(SolveError::BackendNotBuilt { name: "highs".into(), feature: "highs" }),
+            _ => Err(SolveError::UnknownBackend { name: name.into(), available: Backend::available().join(", ") }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cbc => "cbc",
+            #[cfg(feature = "highs")]
+            Backend::Highs => "highs",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How to run the solver.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SolveOptions {
+    pub backend: Backend,
+    /// Wall-clock limit of branch and bound, seconds; `None`: until proven within `mip_gap`.
+    pub time_limit_s: Option<f64>,
+    /// Relative gap at which the backend may stop and call the plan optimal (`0`: exact).
+    pub mip_gap: f64,
+    /// Threads the backend may use; `None`: its default.
+    pub threads: Option<usize>,
+    /// Print the backend's log to the console.
+    pub verbose: bool,
+}
+
+impl Default for SolveOptions {
+    fn default() -> Self {
+        SolveOptions { backend: Backend::Cbc, time_limit_s: None, mip_gap: 1e-4, threads: None, verbose: false }
+    }
+}
+
+/// How the search ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SolveStatus {
+    /// Proven optimal within [`SolveOptions::mip_gap`].
+    Optimal,
+    /// The time limit stopped the search; the plan is the best feasible one found.
+    TimeLimit,
+}
+
+/// Where [`SolveResult::lower_bound`] comes from (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BoundSource {
+    /// No search was needed: the reductions fixed every node.
+    Exact,
+    /// The backend's best bound at the end of branch and bound.
+    Backend,
+    /// The optimum of the LP relaxation.
+    LpRelaxation,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SolveResult {
+    pub solution: Solution,
+    /// Seconds, recomputed by [`evaluate`] from `solution`.
+    pub objective: f64,
+    /// Seconds; no plan costs less (see [`BoundSource`]).
+    pub lower_bound: f64,
+    pub bound_source: BoundSource,
+    /// `(objective - lower_bound) / max(|objective|, 1e-12)`.
+    pub gap: f64,
+    pub status: SolveStatus,
+    pub backend: Backend,
+    /// Columns of the model given to the backend (after the reductions).
+    pub variables: usize,
+    /// Rows of the model given to the backend (after the reductions).
+    pub constraints: usize,
+    /// Seconds spent on the reductions and building the backend's model.
+    pub build_s: f64,
+    /// Seconds spent in the backend (including an LP relaxation solve, if one was needed).
+    pub solve_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SolveError {
+    #[error("invalid problem: {0}")]
+    Invalid(String),
+    #[error("invalid solver options: {0}")]
+    InvalidOptions(String),
+    #[error("no plan fits the memory budget: {reason}")]
+    Infeasible { reason: String },
+    #[error("the time limit of {limit_s} s was hit before any feasible plan was found")]
+    TimeLimitNoPlan { limit_s: f64 },
+    #[error("unknown ILP backend {name:?} (available: {available})")]
+    UnknownBackend { name: String, available: String },
+    #[error("ILP backend {name:?} is not built in; rebuild with `--features {feature}`")]
+    BackendNotBuilt { name: String, feature: &'static str },
+    #[error("ILP backend {backend} failed: {message}")]
+    Backend { backend: &'static str, message: String },
+}
+
+/// The constraint families of the module doc; each row of the model belongs to one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// (A) one strategy per node.
+    A,
+    /// (B) rows of a pair's `y` sum to the first end's class indicator.
+    B,
+    /// (C) columns of a pair's `y` sum to the second end's class indicator.
+    C,
+    /// (D) a memory row.
+    D,
+}
+
+/// Solves `p`: the best plan found, its cost, a lower bound and the model's size.
+pub fn solve(p: &Problem, opts: &SolveOptions) -> Result<SolveResult, SolveError> {
+    check_options(opts)?;
+    let t0 = Instant::now();
+    let ilp = formulate(p)?;
+    if ilp.n_cols == 0 {
+        let solution = Solution { choice: ilp.node_vars.iter().map(|v| v.fixed().unwrap_or(0)).collect() };
+        let ev = evaluate(p, &solution);
+        if !ev.violations.is_empty() {
+            return Err(SolveError::Infeasible { reason: ev.violations.join("; ") });
+        }
+        return Ok(SolveResult {
+            solution,
+            objective: ev.objective,
+            lower_bound: ev.objective,
+            bound_source: BoundSource::Exact,
+            gap: 0.0,
+            status: SolveStatus::Optimal,
+            backend: opts.backend,
+            variables: 0,
+            constraints: 0,
+            build_s: t0.elapsed().as_secs_f64(),
+            solve_s: 0.0,
+        });
+    }
+    let model = LpModel::new(&ilp, false);
+    let build_s = t0.elapsed().as_secs_f64();
+
+    let t1 = Instant::now();
+    let out = run_backend(model, opts)?;
+    let values = match out.values {
+        Some(v) => v,
+        None => {
+            return Err(SolveError::TimeLimitNoPlan { limit_s: opts.time_limit_s.unwrap_or(f64::INFINITY) });
+        }
+    };
+    let decoded = ilp.decode(&values);
+    let solution = match decoded {
+        Some(s) => s,
+        None if out.status == SolveStatus::TimeLimit => {
+            return Err(SolveError::TimeLimitNoPlan { limit_s: opts.time_limit_s.unwrap_or(f64::INFINITY) });
+        }
+        None => {
+            return Err(SolveError::Backend {
+                backend: opts.backend.name(),
+                message: "reported a solution whose strategy variables are not 0/1 with one 1 per node".into(),
+            })
+        }
+    };
+    let ev = evaluate(p, &solution);
+    if !ev.violations.is_empty() {
+        if out.status == SolveStatus::TimeLimit {
+            return Err(SolveError::TimeLimitNoPlan { limit_s: opts.time_limit_s.unwrap_or(f64::INFINITY) });
+        }
+        return Err(SolveError::Backend {
+            backend: opts.backend.name(),
+            message: format!("returned a plan that breaks the problem: {}", ev.violations.join("; ")),
+        });
+    }
+    let (mut lower_bound, bound_source) = match out.bound.filter(|b| b.is_finite() && b.abs() < 1e30) {
+        Some(b) => (b / ilp.scale + ilp.offset, BoundSource::Backend),
+        None => {
+            let relaxed = LpModel::new(&ilp, true);
+            let lp = run_backend(relaxed, &SolveOptions { time_limit_s: None, ..opts.clone() })?;
+            match lp.objective {
+                Some(b) if b.is_finite() => (b / ilp.scale + ilp.offset, BoundSource::LpRelaxation),
+                _ => {
+                    return Err(SolveError::Backend {
+                        backend: opts.backend.name(),
+                        message: "gave neither a best bound nor an LP relaxation optimum".into(),
+                    })
+                }
+            }
+        }
+    };
+    let solve_s = t1.elapsed().as_secs_f64();
+    let objective = ev.objective;
+    // The bound is the solver's, within its tolerances; a bound above a feasible plan's cost is
+    // tolerance noise.
+    lower_bound = lower_bound.min(objective);
+    let gap = ((objective - lower_bound) / objective.abs().max(1e-12)).max(0.0);
+    Ok(SolveResult {
+        solution,
+        objective,
+        lower_bound,
+        bound_source,
+        gap,
+        status: out.status,
+        backend: opts.backend,
+        variables: ilp.n_cols,
+        constraints: ilp.rows.len(),
+        build_s,
+        solve_s,
+    })
+}
+
+fn check_options(opts: &SolveOptions) -> Result<(), SolveError> {
+    if !(opts.mip_gap.is_finite() && opts.mip_gap >= 0.0) {
+        return Err(SolveError::InvalidOptions(format!("mip_gap {} is not a finite number >= 0", opts.mip_gap)));
+    }
+    if let Some(t) = opts.time_limit_s {
+        if t.is_nan() || t < 0.0 {
+            return Err(SolveError::InvalidOptions(format!("time limit {t} s is not >= 0")));
+        }
+    }
+    if opts.threads == Some(0) {
+        return Err(SolveError::InvalidOptions("threads must be at least 1".into()));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model after the reductions.
+
+/// How one node's choice appears in the model.
+#[derive(Clone, Debug, PartialEq)]
+enum NodeVars {
+    /// Decided by the reductions.
+    Fixed(usize),
+    /// `x[n][s]` is column `first + s`.
+    Free { first: usize, count: usize },
+}
+
+impl NodeVars {
+    fn fixed(&self) -> Option<usize> {
+        match self {
+            NodeVars::Fixed(s) => Some(*s),
+            NodeVars::Free { .. } => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Sense {
+    Eq,
+    Le,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Row {
+    family: Family,
+    terms: Vec<(usize, f64)>,
+    sense: Sense,
+    rhs: f64,
+}
+
+/// The reduced, scaled model: plain columns and rows, ready for any backend.
+#[derive(Clone, Debug)]
+struct Ilp {
+    node_vars: Vec<NodeVars>,
+    n_cols: usize,
+    /// Objective coefficient of each column, scaled by `scale`.
+    obj: Vec<f64>,
+    /// Whether each column is an `x` (binary) rather than a `y` (continuous).
+    binary: Vec<bool>,
+    rows: Vec<Row>,
+    /// `K` of the module doc, seconds (unscaled).
+    offset: f64,
+    /// `σ` of the module doc.
+    scale: f64,
+}
+
+impl Ilp {
+    /// The plan in `values` (one per column), if every `x` is 0/1 with one 1 per node.
+    fn decode(&self, values: &[f64]) -> Option<Solution> {
+        let mut choice = Vec::with_capacity(self.node_vars.len());
+        for v in &self.node_vars {
+            match *v {
+                NodeVars::Fixed(s) => choice.push(s),
+                NodeVars::Free { first, count } => {
+                    let xs = values.get(first..first + count)?;
+                    let mut best = 0;
+                    for (s, &x) in xs.iter().enumerate() {
+                        if (x - x.round()).abs() > INTEGRALITY_TOL {
+                            return None;
+                        }
+                        if x > xs[best] {
+                            best = s;
+                        }
+                    }
+                    let ones = xs.iter().filter(|&&x| x > 0.5).count();
+                    if ones != 1 {
+                        return None;
+                    }
+                    choice.push(best);
+                }
+            }
+        }
+        Some(Solution { choice })
+    }
+}
+
+/// A coupled pair after reduction 4: `y` over `cost`'s entries.
+struct Coupling {
+    u: usize,
+    v: usize,
+    /// Class of each strategy of `u` (row of `cost`).
+    u_class: Vec<usize>,
+    /// Class of each strategy of `v` (column of `cost`).
+    v_class: Vec<usize>,
+    cost: Vec<Vec<f64>>,
+}
+
+/// A memory row after reduction 5, bytes.
+struct MemRow {
+    /// `(node, extra bytes of each strategy over its smallest)`, nodes ascending.
+    terms: Vec<(usize, Vec<f64>)>,
+    /// Budget minus the row's least bytes.
+    rhs: f64,
+}
+
+fn formulate(p: &Problem) -> Result<Ilp, SolveError> {
+    p.check().map_err(SolveError::Invalid)?;
+    let n_nodes = p.nodes.len();
+    let mut fixed: Vec<Option<usize>> = p.nodes.iter().map(|n| (n.costs.len() == 1).then_some(0)).collect();
+    let mut lin: Vec<Vec<f64>> = p.nodes.iter().map(|n| n.costs.clone()).collect();
+
+    // Reduction 2: self-edges. Reduction 3: group the others by node pair.
+    let mut pairs: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    for (k, e) in p.edges.iter().enumerate() {
+        if e.src == e.dst {
+            for (s, c) in lin[e.src].iter_mut().enumerate() {
+                *c += p.edge_cost(e, s, s);
+            }
+        } else {
+            pairs.entry((e.src.min(e.dst), e.src.max(e.dst))).or_default().push(k);
+        }
+    }
+    // Reduction 4.
+    let mut couplings = vec![];
+    for (&(u, v), edges) in &pairs {
+        if let Some(c) = reduce_pair(p, u, v, edges, &mut lin) {
+            couplings.push(c);
+        }
+    }
+
+    // Reduction 5.
+    let mem_rows = match p.memory_budget {
+        Some(budget) => reduce_memory(p, budget, &fixed)?,
+        None => {
+            if let Some(r) = p.memory_rows.iter().find(|r| !r.constant.is_finite()) {
+                return Err(SolveError::Invalid(format!("memory row {:?} has a non-finite constant", r.label)));
+            }
+            vec![]
+        }
+    };
+
+    // Reduction 6.
+    let mut involved = vec![false; n_nodes];
+    for c in &couplings {
+        involved[c.u] = true;
+        involved[c.v] = true;
+    }
+    for r in &mem_rows {
+        for (n, _) in &r.terms {
+            involved[*n] = true;
+        }
+    }
+    for n in 0..n_nodes {
+        if fixed[n].is_none() && !involved[n] {
+            fixed[n] = Some(argmin(&lin[n]));
+        }
+    }
+
+    // Reduction 7 and the columns.
+    let mut offset = 0.0;
+    let mut node_vars = Vec::with_capacity(n_nodes);
+    let mut obj = vec![];
+    let mut binary = vec![];
+    for n in 0..n_nodes {
+        match fixed[n] {
+            Some(s) => {
+                offset += lin[n][s];
+                node_vars.push(NodeVars::Fixed(s));
+            }
+            None => {
+                let m = lin[n][argmin(&lin[n])];
+                offset += m;
+                node_vars.push(NodeVars::Free { first: obj.len(), count: lin[n].len() });
+                obj.extend(lin[n].iter().map(|c| c - m));
+                binary.extend(std::iter::repeat_n(true, lin[n].len()));
+            }
+        }
+    }
+    let x_col = |n: usize, s: usize| match node_vars[n] {
+        NodeVars::Free { first, .. } => Some(first + s),
+        NodeVars::Fixed(_) => None,
+    };
+
+    let mut rows = vec![];
+    for nv in &node_vars {
+        if let NodeVars::Free { first, count } = *nv {
+            rows.push(Row { family: Family::A, terms: (first..first + count).map(|c| (c, 1.0)).collect(), sense: Sense::Eq, rhs: 1.0 });
+        }
+    }
+    for c in &couplings {
+        let (na, nb) = (c.cost.len(), c.cost.first().map_or(0, |r| r.len()));
+        let y0 = obj.len();
+        for row in &c.cost {
+            obj.extend(row.iter().copied());
+            binary.extend(std::iter::repeat_n(false, row.len()));
+        }
+        for a in 0..na {
+            let mut terms: Vec<(usize, f64)> = (0..nb).map(|b| (y0 + a * nb + b, 1.0)).collect();
+            for (s, _) in c.u_class.iter().enumerate().filter(|(_, &k)| k == a) {
+                terms.extend(x_col(c.u, s).map(|col| (col, -1.0)));
+            }
+            rows.push(Row { family: Family::B, terms, sense: Sense::Eq, rhs: 0.0 });
+        }
+        for b in 0..nb {
+            let mut terms: Vec<(usize, f64)> = (0..na).map(|a| (y0 + a * nb + b, 1.0)).collect();
+            for (t, _) in c.v_class.iter().enumerate().filter(|(_, &k)| k == b) {
+                terms.extend(x_col(c.v, t).map(|col| (col, -1.0)));
+            }
+            rows.push(Row { family: Family::C, terms, sense: Sense::Eq, rhs: 0.0 });
+        }
+    }
+    for r in &mem_rows {
+        let mut terms = vec![];
+        for (n, extra) in &r.terms {
+            for (s, &b) in extra.iter().enumerate() {
+                if b != 0.0 {
+                    if let Some(col) = x_col(*n, s) {
+                        terms.push((col, b / GIB));
+                    }
+                }
+            }
+        }
+        rows.push(Row { family: Family::D, terms, sense: Sense::Le, rhs: r.rhs / GIB });
+    }
+
+    // σ: a power of two, so scaling is exact.
+    let largest = obj.iter().fold(0.0f64, |m, c| m.max(c.abs()));
+    let scale = if largest > 0.0 && largest.is_finite() { (-largest.log2().round()).exp2() } else { 1.0 };
+    for c in &mut obj {
+        *c *= scale;
+    }
+    Ok(Ilp { node_vars, n_cols: obj.len(), obj, binary, rows, offset, scale })
+}
+
+fn argmin(xs: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x < xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Groups strategies whose keys are equal (by `eq`); returns the group of each item and one
+/// representative per group.
+fn group_by<K>(keys: &[K], eq: impl Fn(&K, &K) -> bool) -> (Vec<usize>, Vec<usize>) {
+    let mut group = Vec::with_capacity(keys.len());
+    let mut reps: Vec<usize> = vec![];
+    for (i, k) in keys.iter().enumerate() {
+        match reps.iter().position(|&r| eq(&keys[r], k)) {
+            Some(g) => group.push(g),
+            None => {
+                group.push(reps.len());
+                reps.push(i);
+            }
+        }
+    }
+    (group, reps)
+}
+
+/// Reductions 3 and 4 for the edges joining `u < v`: adds the separable part to `lin` and
+/// returns what is left, if anything.
+fn reduce_pair(p: &Problem, u: usize, v: usize, edges: &[usize], lin: &mut [Vec<f64>]) -> Option<Coupling> {
+    // Each edge oriented from u to v: (u's classes, v's classes, cost[u class][v class]).
+    let oriented: Vec<(&[usize], &[usize], &Vec<Vec<f64>>, bool)> = edges
+        .iter()
+        .map(|&k| {
+            let e = &p.edges[k];
+            if e.src == u {
+                (e.src_class.as_slice(), e.dst_class.as_slice(), &e.cost, false)
+            } else {
+                (e.dst_class.as_slice(), e.src_class.as_slice(), &e.cost, true)
+            }
+        })
+        .collect();
+    let u_keys: Vec<Vec<usize>> = (0..p.nodes[u].costs.len()).map(|s| oriented.iter().map(|o| o.0[s]).collect()).collect();
+    let v_keys: Vec<Vec<usize>> = (0..p.nodes[v].costs.len()).map(|t| oriented.iter().map(|o| o.1[t]).collect()).collect();
+    let (u_joint, u_reps) = group_by(&u_keys, |a, b| a == b);
+    let (v_joint, v_reps) = group_by(&v_keys, |a, b| a == b);
+    let w: Vec<Vec<f64>> = u_reps
+        .iter()
+        .map(|&s| {
+            v_reps
+                .iter()
+                .map(|&t| {
+                    oriented
+                        .iter()
+                        .map(|&(cu, cv, cost, transposed)| if transposed { cost[cv[t]][cu[s]] } else { cost[cu[s]][cv[t]] })
+                        .sum()
+                })
+                .collect()
+        })
+        .collect();
+    // W[i][j] = r[i] + q[j] + R[i][j], R's first row and column zero.
+    let r: Vec<f64> = w.iter().map(|row| row[0]).collect();
+    let q: Vec<f64> = w[0].iter().map(|&c| c - w[0][0]).collect();
+    let big: Vec<Vec<f64>> = w.iter().enumerate().map(|(i, row)| row.iter().enumerate().map(|(j, &c)| c - r[i] - q[j]).collect()).collect();
+    for (s, c) in lin[u].iter_mut().enumerate() {
+        *c += r[u_joint[s]];
+    }
+    for (t, c) in lin[v].iter_mut().enumerate() {
+        *c += q[v_joint[t]];
+    }
+    let largest = w.iter().flatten().fold(0.0f64, |m, c| m.max(c.abs()));
+    let tol = MERGE_TOL * largest;
+    if big.iter().flatten().all(|c| c.abs() <= tol) {
+        return None;
+    }
+    let close = |a: &Vec<f64>, b: &Vec<f64>| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol);
+    let (row_class, row_reps) = group_by(&big, close);
+    let cols: Vec<Vec<f64>> = (0..v_reps.len()).map(|j| big.iter().map(|row| row[j]).collect()).collect();
+    let (col_class, col_reps) = group_by(&cols, close);
+    let cost = row_reps.iter().map(|&i| col_reps.iter().map(|&j| big[i][j]).collect()).collect();
+    Some(Coupling {
+        u,
+        v,
+        u_class: u_joint.iter().map(|&i| row_class[i]).collect(),
+        v_class: v_joint.iter().map(|&j| col_class[j]).collect(),
+        cost,
+    })
+}
+
+/// Reduction 5. `fixed` marks the nodes with one strategy.
+fn reduce_memory(p: &Problem, budget: f64, fixed: &[Option<usize>]) -> Result<Vec<MemRow>, SolveError> {
+    if !budget.is_finite() {
+        return Err(SolveError::Invalid(format!("memory budget {budget} is not finite")));
+    }
+    let mut by_terms: HashMap<Vec<(usize, Vec<u64>)>, usize> = HashMap::new();
+    let mut rows: Vec<MemRow> = vec![];
+    for r in &p.memory_rows {
+        if !r.constant.is_finite() {
+            return Err(SolveError::Invalid(format!("memory row {:?} has a non-finite constant", r.label)));
+        }
+        let mut least = r.constant;
+        let mut per_node: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        for (n, bytes) in &r.terms {
+            if bytes.iter().any(|b| !b.is_finite()) {
+                return Err(SolveError::Invalid(format!(
+                    "memory row {:?}: non-finite bytes for node {n} {:?}",
+                    r.label, p.nodes[*n].name
+                )));
+            }
+            match fixed[*n] {
+                Some(s) => least += bytes[s],
+                None => {
+                    let acc = per_node.entry(*n).or_insert_with(|| vec![0.0; bytes.len()]);
+                    for (a, b) in acc.iter_mut().zip(bytes) {
+                        *a += b;
+                    }
+                }
+            }
+        }
+        let mut terms = vec![];
+        let mut most_extra = 0.0;
+        for (n, bytes) in per_node {
+            let m = bytes[argmin(&bytes)];
+            least += m;
+            let extra: Vec<f64> = bytes.iter().map(|b| b - m).collect();
+            let top = extra.iter().fold(0.0f64, |a, &b| a.max(b));
+            if top > 0.0 {
+                most_extra += top;
+                terms.push((n, extra));
+            }
+        }
+        if least > budget * (1.0 + BUDGET_SLACK) {
+            return Err(SolveError::Infeasible {
+                reason: format!("memory row {:?} holds at least {least:.0} bytes under any plan, over the budget {budget:.0}", r.label),
+            });
+        }
+        if least + most_extra <= budget {
+            continue; // no plan can break it
+        }
+        let rhs = budget - least;
+        let key: Vec<(usize, Vec<u64>)> = terms.iter().map(|(n, e)| (*n, e.iter().map(|b| b.to_bits()).collect())).collect();
+        match by_terms.get(&key) {
+            Some(&i) => rows[i].rhs = rows[i].rhs.min(rhs),
+            None => {
+                by_terms.insert(key, rows.len());
+                rows.push(MemRow { terms, rhs });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends.
+
+/// The model in `good_lp` terms.
+struct LpModel {
+    vars: ProblemVariables,
+    cols: Vec<Variable>,
+    objective: Expression,
+    constraints: Vec<Constraint>,
+}
+
+impl LpModel {
+    /// `relax`: `x` continuous in `[0, 1]` (the LP relaxation).
+    fn new(ilp: &Ilp, relax: bool) -> LpModel {
+        let mut vars = ProblemVariables::new();
+        let cols: Vec<Variable> = ilp
+            .binary
+            .iter()
+            .map(|&b| {
+                vars.add(match (b, relax) {
+                    (true, false) => variable().binary(),
+                    (true, true) => variable().min(0.0).max(1.0),
+                    (false, _) => variable().min(0.0),
+                })
+            })
+            .collect();
+        let mut objective = Expression::with_capacity(ilp.n_cols);
+        for (&c, &col) in ilp.obj.iter().zip(&cols) {
+            if c != 0.0 {
+                objective.add_mul(c, col);
+            }
+        }
+        let constraints = ilp
+            .rows
+            .iter()
+            .map(|r| {
+                let mut e = Expression::with_capacity(r.terms.len());
+                for &(col, c) in &r.terms {
+                    e.add_mul(c, cols[col]);
+                }
+                match r.sense {
+                    Sense::Eq => constraint::eq(e, r.rhs),
+                    Sense::Le => constraint::leq(e, r.rhs),
+                }
+            })
+            .collect();
+        LpModel { vars, cols, objective, constraints }
+    }
+}
+
+/// What a backend run gives back, in the scaled model's units.
+struct Outcome {
+    /// A value per column, when the backend has a solution (not checked here).
+    values: Option<Vec<f64>>,
+    status: SolveStatus,
+    /// The backend's best bound on the scaled objective (without `K`).
+    bound: Option<f64>,
+    /// The backend's objective value (scaled, without `K`).
+    objective: Option<f64>,
+}
+
+fn run_backend(m: LpModel, opts: &SolveOptions) -> Result<Outcome, SolveError> {
+    match opts.backend {
+        Backend::Cbc => run_cbc(m, opts),
+        #[cfg(feature = "highs")]
+        Backend::Highs => run_highs(m, opts),
+    }
+}
+
+fn run_cbc(m: LpModel, opts: &SolveOptions) -> Result<Outcome, SolveError> {
+    let LpModel { vars, cols, objective, constraints } = m;
+    let mut model = vars.minimise(objective).using(good_lp::coin_cbc);
+    model.set_log_level(if opts.verbose { 1 } else { 0 });
+    model.set_parameter("ratioGap", &opts.mip_gap.to_string());
+    if let Some(t) = opts.time_limit_s {
+        model.set_parameter("seconds", &t.to_string());
+    }
+    if let Some(n) = opts.threads {
+        model.set_parameter("threads", &n.to_string());
+    }
+    for c in constraints {
+        model.add_constraint(c);
+    }
+    let fail = |message: String| SolveError::Backend { backend: "cbc", message };
+    match model.solve() {
+        Ok(sol) => {
+            let status = match sol.status() {
+                SolutionStatus::TimeLimit => SolveStatus::TimeLimit,
+                _ => SolveStatus::Optimal,
+            };
+            let raw = sol.model();
+            let values = cols.iter().map(|&c| sol.value(c)).collect();
+            Ok(Outcome { values: Some(values), status, bound: Some(raw.best_possible_value()), objective: Some(raw.obj_value()) })
+        }
+        Err(ResolutionError::Infeasible) => {
+            Err(SolveError::Infeasible { reason: "CBC proved that no plan satisfies every memory row".into() })
+        }
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+#[cfg(feature = "highs")]
+fn run_highs(m: LpModel, opts: &SolveOptions) -> Result<Outcome, SolveError> {
+    use highs::{HighsModelStatus as St, HighsSolutionStatus};
+    let LpModel { vars, cols, objective, constraints } = m;
+    let mut problem = vars.minimise(objective).using(good_lp::highs);
+    for c in constraints {
+        problem.add_constraint(c);
+    }
+    let fail = |message: String| SolveError::Backend { backend: "highs", message };
+    let mut model = problem.try_into_inner().map_err(|e| fail(e.to_string()))?;
+    let mut set = |key: &str, r: Result<(), highs::HighsStatus>| r.map_err(|e| fail(format!("setting {key}: {e:?}")));
+    if opts.verbose {
+        set("output_flag", model.try_set_option("output_flag", true))?;
+        set("log_to_console", model.try_set_option("log_to_console", true))?;
+    }
+    set("mip_rel_gap", model.try_set_option("mip_rel_gap", opts.mip_gap))?;
+    if let Some(t) = opts.time_limit_s {
+        set("time_limit", model.try_set_option("time_limit", t))?;
+    }
+    if let Some(n) = opts.threads {
+        let n = i32::try_from(n).map_err(|_| SolveError::InvalidOptions(format!("{n} threads")))?;
+        set("threads", model.try_set_option("threads", n))?;
+    }
+    let solved = model.try_solve().map_err(|e| fail(format!("{e:?}")))?;
+    let status = match solved.status() {
+        St::Optimal | St::ObjectiveBound | St::ObjectiveTarget => SolveStatus::Optimal,
+        St::ReachedTimeLimit | St::ReachedIterationLimit | St::ReachedSolutionLimit | St::ReachedInterrupt => {
+            SolveStatus::TimeLimit
+        }
+        St::Infeasible | St::UnboundedOrInfeasible => {
+            return Err(SolveError::Infeasible { reason: "HiGHS proved that no plan satisfies every memory row".into() })
+        }
+        other => return Err(fail(format!("model status {other:?}"))),
+    };
+    if solved.primal_solution_status() != HighsSolutionStatus::Feasible {
+        return Ok(Outcome { values: None, status, bound: None, objective: None });
+    }
+    // good_lp creates HiGHS's columns in the order of `cols`.
+    let values: Vec<f64> = solved.get_solution().columns().to_vec();
+    if values.len() != cols.len() {
+        return Err(fail(format!("{} column values for {} columns", values.len(), cols.len())));
+    }
+    let bound = solved.double_info_value(c"mip_dual_bound").ok();
+    Ok(Outcome { values: Some(values), status, bound, objective: Some(solved.objective_value()) })
+}

@@ -1,0 +1,832 @@
+//! Resharding: the one place that decides how a tensor goes from one [`ShardingSpec`] to
+//! another. The solver prices edges with it, the generator emits its steps, the runtime runs
+//! them; nothing else may invent a resharding path (design.md, point 6).
+//!
+//! # Moves
+//! A path is a sequence of five moves, each over one mesh axis `a` (a group of
+//! `n = mesh.shape[a]` devices that differ only in their coordinate on `a`):
+//! - **all-gather(dim d, axis a)**: `a` is the *last* (minor) axis of `dims[d]`; it is removed,
+//!   so the tensor becomes replicated over `a`. Only the minor axis can go in one collective:
+//!   the devices of a group then hold adjacent blocks.
+//! - **reduce-scatter(dim d, axis a)**: the tensor is a partial sum over `a`; the sum is
+//!   scattered along `d`, `a` appended as the last axis of `dims[d]`.
+//! - **all-reduce(axis a)**: partial over `a` -> replicated over `a`.
+//! - **all-to-all(dim d -> dim e, axis a)**: the last axis of `dims[d]` moves to the end of
+//!   `dims[e]`.
+//! - **slice(dim d, axis a)**: local. `a` is unused (no dim, not partial); each device keeps
+//!   the part of `dims[d]` its coordinate on `a` selects; `a` appended to `dims[d]`.
+//!
+//! Every intermediate spec is *valid*: each dim divisible by its number of parts. Partial sums
+//! can be reduced but never created, so `to` may only be partial over axes `from` is partial
+//! over. Any valid `to` is reachable: all-reduce the partial axes `to` drops, all-gather every
+//! split (minor first), slice into `to` in its axis order.
+//!
+//! # Cost (alpha-beta, ring collectives)
+//! Over axis `a` with link latency `alpha` and bandwidth `bw = link.bandwidth * comm_efficiency`,
+//! for a payload of `B` bytes per device (what nccl-tests calls its size):
+//! - all-gather: `B` = the result per device; `(n-1) alpha + (n-1)/n B / bw`.
+//! - reduce-scatter: `B` = the input per device (before scattering); same form.
+//! - all-reduce: `B` = the buffer; `2(n-1) alpha + 2(n-1)/n B / bw` (reduce-scatter +
+//!   all-gather).
+//! - all-to-all: `B` = the buffer per device; `(n-1) alpha + (n-1)/n B / bw`. Assumption: each
+//!   device sends `(n-1)/n` of its buffer and receives as much, as `n-1` pairwise exchanges at
+//!   the same bus bandwidth and per-step latency as a ring (NCCL runs it as grouped
+//!   send/recv; on a full-bisection NVSwitch or fat-tree network that is what it achieves).
+//! - slice: no communication (`bytes` 0); it costs [`SLICE_COST_S`], a token epsilon, so that
+//!   among equally cheap paths the search prefers fewer local copies. The mesh carries no HBM
+//!   rate, and a slice is far cheaper than any collective.
+//! - a move over an axis of size 1 moves no data and costs 0.
+//!
+//! # Search
+//! Dijkstra over valid specs, exact for this cost model. Ties are broken deterministically:
+//! by cost, then fewer steps, then the smaller state. States are small `Copy` arrays (owner and
+//! position of each mesh axis), so a 4-D tensor on a 3-D mesh visits at most a few hundred
+//! states; [`Resharder`] memoizes results per (from, to, shape, element size) on one mesh.
+
+use crate::mesh::{Link, Mesh, MeshAxis};
+use crate::spec::ShardingSpec;
+use serde::{Deserialize, Serialize};
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+use std::sync::Mutex;
+
+/// Seconds charged for a [`Collective::Slice`] over an axis of more than one device.
+pub const SLICE_COST_S: f64 = 1e-9;
+/// Largest mesh rank the search handles.
+pub const MAX_MESH_AXES: usize = 8;
+/// Largest tensor rank the search handles.
+pub const MAX_RANK: usize = 250;
+
+/// One move of a resharding path (see the module doc for their exact meaning).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Collective {
+    /// Removes `axis`, the last axis of `dims[dim]`: replicated over it.
+    AllGather { dim: usize, axis: MeshAxis },
+    /// Partial over `axis` -> `axis` appended as the last axis of `dims[dim]`.
+    ReduceScatter { dim: usize, axis: MeshAxis },
+    /// Partial over `axis` -> replicated over it.
+    AllReduce { axis: MeshAxis },
+    /// The last axis of `dims[from_dim]` (`axis`) moves to the end of `dims[to_dim]`.
+    AllToAll {
+        from_dim: usize,
+        to_dim: usize,
+        axis: MeshAxis,
+    },
+    /// Local: replicated over `axis` (unused, not partial) -> appended to `dims[dim]`.
+    Slice { dim: usize, axis: MeshAxis },
+}
+
+impl Collective {
+    /// The mesh axis the move runs over.
+    pub fn axis(&self) -> MeshAxis {
+        match *self {
+            Collective::AllGather { axis, .. }
+            | Collective::ReduceScatter { axis, .. }
+            | Collective::AllReduce { axis }
+            | Collective::AllToAll { axis, .. }
+            | Collective::Slice { axis, .. } => axis,
+        }
+    }
+    /// False for [`Collective::Slice`], the one local move.
+    pub fn communicates(&self) -> bool {
+        !matches!(self, Collective::Slice { .. })
+    }
+}
+
+impl fmt::Display for Collective {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Collective::AllGather { dim, axis } => write!(f, "all-gather(dim {dim}, axis {axis})"),
+            Collective::ReduceScatter { dim, axis } => {
+                write!(f, "reduce-scatter(dim {dim}, axis {axis})")
+            }
+            Collective::AllReduce { axis } => write!(f, "all-reduce(axis {axis})"),
+            Collective::AllToAll {
+                from_dim,
+                to_dim,
+                axis,
+            } => {
+                write!(f, "all-to-all(dim {from_dim} -> dim {to_dim}, axis {axis})")
+            }
+            Collective::Slice { dim, axis } => write!(f, "slice(dim {dim}, axis {axis})"),
+        }
+    }
+}
+
+/// One move and the spec it leaves.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub op: Collective,
+    pub after: ShardingSpec,
+    /// The collective's payload `B` per device in the cost formula (module doc): all-gather
+    /// result, reduce-scatter input, all-reduce / all-to-all buffer. 0 for a slice and for
+    /// axes of size 1.
+    pub bytes: f64,
+    pub cost_s: f64,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} -> {} ({:.0} B, {:.3} us)",
+            self.op,
+            self.after,
+            self.bytes,
+            self.cost_s * 1e6
+        )
+    }
+}
+
+/// A cheapest path; `cost_s` is the sum of the steps' costs (0 with no steps).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Transition {
+    pub steps: Vec<Step>,
+    pub cost_s: f64,
+}
+
+impl fmt::Display for Transition {
+    /// One step per line, then the total.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for s in &self.steps {
+            writeln!(f, "{s}")?;
+        }
+        write!(
+            f,
+            "total {:.3} us in {} steps",
+            self.cost_s * 1e6,
+            self.steps.len()
+        )
+    }
+}
+
+/// Why a transition cannot be computed. Specs are named `from` / `to`.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ReshardError {
+    #[error("{which} spec {spec} has {rank} dims but the tensor has shape {shape:?}")]
+    Rank {
+        which: &'static str,
+        spec: String,
+        rank: usize,
+        shape: Vec<usize>,
+    },
+    #[error("{which} spec {spec} uses mesh axis {axis}, but mesh {mesh} has {ndim} axes")]
+    AxisOutOfRange {
+        which: &'static str,
+        spec: String,
+        axis: MeshAxis,
+        mesh: String,
+        ndim: usize,
+    },
+    #[error("{which} spec {spec} uses mesh axis {axis} twice")]
+    AxisReused {
+        which: &'static str,
+        spec: String,
+        axis: MeshAxis,
+    },
+    #[error("{which} spec {spec}: partial axes {partial:?} are not sorted and distinct")]
+    PartialUnsorted {
+        which: &'static str,
+        spec: String,
+        partial: Vec<MeshAxis>,
+    },
+    #[error(
+        "{which} spec {spec}: dim {dim} of size {size} does not split into {parts} parts \
+         (mesh axes {axes:?} of mesh {mesh})"
+    )]
+    Indivisible {
+        which: &'static str,
+        spec: String,
+        dim: usize,
+        size: usize,
+        parts: usize,
+        axes: Vec<MeshAxis>,
+        mesh: String,
+    },
+    #[error(
+        "cannot reshard {from} to {to}: {to} is a pending partial sum over mesh axis {axis} and \
+         {from} is not; communication cannot create a partial sum"
+    )]
+    CreatesPartial {
+        from: String,
+        to: String,
+        axis: MeshAxis,
+    },
+    #[error("mesh {mesh}: {reason}")]
+    BadMesh { mesh: String, reason: String },
+    #[error("communication efficiency {0} is not in (0, 1]")]
+    BadEfficiency(f64),
+    #[error("tensor of rank {rank}: resharding handles at most {max} dims")]
+    RankTooLarge { rank: usize, max: usize },
+    #[error("no resharding path from {from} to {to} on shape {shape:?}")]
+    Unreachable {
+        from: String,
+        to: String,
+        shape: Vec<usize>,
+    },
+}
+
+/// Payload bytes and seconds of one move over an axis of `n` devices, given the bytes each
+/// device holds before it. The single pricing rule behind [`collective_cost`] and the search.
+fn price(op: &Collective, n: usize, link: Option<&Link>, eff: f64, local_bytes: f64) -> (f64, f64) {
+    if n <= 1 {
+        return (0.0, 0.0);
+    }
+    let (bytes, rounds) = match op {
+        Collective::Slice { .. } => return (0.0, SLICE_COST_S),
+        Collective::AllGather { .. } => (local_bytes * n as f64, 1.0),
+        Collective::ReduceScatter { .. } | Collective::AllToAll { .. } => (local_bytes, 1.0),
+        Collective::AllReduce { .. } => (local_bytes, 2.0),
+    };
+    let Some(link) = link else {
+        return (bytes, f64::INFINITY);
+    };
+    let n = n as f64;
+    let bw = link.bandwidth * eff;
+    (
+        bytes,
+        rounds * ((n - 1.0) * link.alpha_s + (n - 1.0) / n * bytes / bw),
+    )
+}
+
+/// Payload bytes and seconds of `op` applied to a tensor of `shape` laid out as
+/// `spec_before` (module doc for the formulas). `spec_before` should be valid for `shape` and
+/// `mesh`, as [`transition`] checks; an axis outside the mesh or without a link prices at
+/// infinity rather than panicking.
+pub fn collective_cost(
+    op: &Collective,
+    spec_before: &ShardingSpec,
+    shape: &[usize],
+    elem_bytes: usize,
+    mesh: &Mesh,
+    comm_efficiency: f64,
+) -> (f64, f64) {
+    let Some(&n) = mesh.shape.get(op.axis()) else {
+        return (0.0, f64::INFINITY);
+    };
+    let mut parts = 1.0;
+    for &a in spec_before.dims.iter().flatten() {
+        match mesh.shape.get(a) {
+            Some(&s) => parts *= s as f64,
+            None => return (0.0, f64::INFINITY),
+        }
+    }
+    let total: f64 = shape.iter().map(|&s| s as f64).product();
+    price(
+        op,
+        n,
+        mesh.links.get(op.axis()),
+        comm_efficiency,
+        total / parts * elem_bytes as f64,
+    )
+}
+
+/// A cheapest path from `from` to `to` for a tensor of `shape` with `elem_bytes`-byte
+/// elements on `mesh`. Errors name the bad spec and what is wrong with it.
+pub fn transition(
+    from: &ShardingSpec,
+    to: &ShardingSpec,
+    shape: &[usize],
+    elem_bytes: usize,
+    mesh: &Mesh,
+    comm_efficiency: f64,
+) -> Result<Transition, ReshardError> {
+    check_mesh(mesh, comm_efficiency)?;
+    check_spec("from", from, shape, mesh)?;
+    check_spec("to", to, shape, mesh)?;
+    if let Some(&axis) = to.partial.iter().find(|a| !from.partial.contains(a)) {
+        return Err(ReshardError::CreatesPartial {
+            from: from.to_string(),
+            to: to.to_string(),
+            axis,
+        });
+    }
+    Search::new(shape, elem_bytes, mesh, comm_efficiency, to).run(from, to)
+}
+
+type Key = (ShardingSpec, ShardingSpec, Vec<usize>, usize);
+
+/// [`transition`] on one mesh with a memo: the solver asks for the same few transitions many
+/// times (every layer of a model repeats them). Shareable across threads.
+#[derive(Debug)]
+pub struct Resharder {
+    mesh: Mesh,
+    comm_efficiency: f64,
+    cache: Mutex<HashMap<Key, Transition>>,
+}
+
+impl Resharder {
+    pub fn new(mesh: Mesh, comm_efficiency: f64) -> Self {
+        Resharder {
+            mesh,
+            comm_efficiency,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+    pub fn comm_efficiency(&self) -> f64 {
+        self.comm_efficiency
+    }
+
+    /// [`transition`], memoized per (from, to, shape, elem_bytes). Errors are not cached.
+    pub fn transition(
+        &self,
+        from: &ShardingSpec,
+        to: &ShardingSpec,
+        shape: &[usize],
+        elem_bytes: usize,
+    ) -> Result<Transition, ReshardError> {
+        let key: Key = (from.clone(), to.clone(), shape.to_vec(), elem_bytes);
+        // A poisoned lock only means another thread panicked mid-insert; the map is still a
+        // valid memo, so keep using it.
+        if let Some(t) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(t.clone());
+        }
+        // Search without holding the lock: two threads may compute the same entry, never block.
+        let t = transition(
+            from,
+            to,
+            shape,
+            elem_bytes,
+            &self.mesh,
+            self.comm_efficiency,
+        )?;
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, t.clone());
+        Ok(t)
+    }
+
+    /// Seconds of the cheapest path.
+    pub fn cost(
+        &self,
+        from: &ShardingSpec,
+        to: &ShardingSpec,
+        shape: &[usize],
+        elem_bytes: usize,
+    ) -> Result<f64, ReshardError> {
+        self.transition(from, to, shape, elem_bytes)
+            .map(|t| t.cost_s)
+    }
+
+    /// Number of memoized transitions.
+    pub fn cached(&self) -> usize {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+fn check_mesh(mesh: &Mesh, eff: f64) -> Result<(), ReshardError> {
+    let bad = |reason: String| {
+        Err(ReshardError::BadMesh {
+            mesh: mesh.name(),
+            reason,
+        })
+    };
+    if mesh.ndim() > MAX_MESH_AXES {
+        return bad(format!(
+            "{} axes; resharding handles at most {MAX_MESH_AXES}",
+            mesh.ndim()
+        ));
+    }
+    if let Some(a) = mesh.shape.iter().position(|&n| n == 0) {
+        return bad(format!("axis {a} has no device"));
+    }
+    if mesh.links.len() != mesh.ndim() {
+        return bad(format!(
+            "{} links for {} axes",
+            mesh.links.len(),
+            mesh.ndim()
+        ));
+    }
+    for (a, l) in mesh.links.iter().enumerate() {
+        if !(l.bandwidth.is_finite() && l.bandwidth > 0.0) {
+            return bad(format!(
+                "axis {a} link bandwidth {} is not positive and finite",
+                l.bandwidth
+            ));
+        }
+        if !(l.alpha_s.is_finite() && l.alpha_s >= 0.0) {
+            return bad(format!(
+                "axis {a} link latency {} is negative or not finite",
+                l.alpha_s
+            ));
+        }
+    }
+    if !(eff > 0.0 && eff <= 1.0) {
+        return Err(ReshardError::BadEfficiency(eff));
+    }
+    Ok(())
+}
+
+fn check_spec(
+    which: &'static str,
+    spec: &ShardingSpec,
+    shape: &[usize],
+    mesh: &Mesh,
+) -> Result<(), ReshardError> {
+    let name = || spec.to_string();
+    if spec.rank() != shape.len() {
+        return Err(ReshardError::Rank {
+            which,
+            spec: name(),
+            rank: spec.rank(),
+            shape: shape.to_vec(),
+        });
+    }
+    if shape.len() > MAX_RANK {
+        return Err(ReshardError::RankTooLarge {
+            rank: shape.len(),
+            max: MAX_RANK,
+        });
+    }
+    let mut seen = vec![false; mesh.ndim()];
+    for axis in spec.used_axes() {
+        match seen.get_mut(axis) {
+            None => {
+                return Err(ReshardError::AxisOutOfRange {
+                    which,
+                    spec: name(),
+                    axis,
+                    mesh: mesh.name(),
+                    ndim: mesh.ndim(),
+                })
+            }
+            Some(true) => {
+                return Err(ReshardError::AxisReused {
+                    which,
+                    spec: name(),
+                    axis,
+                })
+            }
+            Some(s) => *s = true,
+        }
+    }
+    if spec.partial.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(ReshardError::PartialUnsorted {
+            which,
+            spec: name(),
+            partial: spec.partial.clone(),
+        });
+    }
+    for (dim, (axes, &size)) in spec.dims.iter().zip(shape).enumerate() {
+        let parts = axes
+            .iter()
+            .try_fold(1usize, |p, &a| p.checked_mul(mesh.shape[a]));
+        if parts.is_none_or(|p| size % p != 0) {
+            return Err(ReshardError::Indivisible {
+                which,
+                spec: name(),
+                dim,
+                size,
+                parts: parts.unwrap_or(usize::MAX),
+                axes: axes.clone(),
+                mesh: mesh.name(),
+            });
+        }
+    }
+    Ok(())
+}
+
+const UNUSED: u8 = u8::MAX;
+const PARTIAL: u8 = u8::MAX - 1;
+
+/// A spec as the owner of each mesh axis (a dim, [`PARTIAL`] or [`UNUSED`]) and its position
+/// in that dim's list: `Copy`, no allocation, cheap to hash.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct State {
+    owner: [u8; MAX_MESH_AXES],
+    pos: [u8; MAX_MESH_AXES],
+}
+
+impl State {
+    /// `spec` must have passed [`check_spec`] (axes in range, rank <= MAX_RANK).
+    fn of(spec: &ShardingSpec) -> State {
+        let mut s = State {
+            owner: [UNUSED; MAX_MESH_AXES],
+            pos: [0; MAX_MESH_AXES],
+        };
+        for (d, axes) in spec.dims.iter().enumerate() {
+            for (i, &a) in axes.iter().enumerate() {
+                s.owner[a] = d as u8;
+                s.pos[a] = i as u8;
+            }
+        }
+        for &a in &spec.partial {
+            s.owner[a] = PARTIAL;
+        }
+        s
+    }
+
+    fn spec(&self, rank: usize, k: usize) -> ShardingSpec {
+        let mut dims: Vec<Vec<(u8, MeshAxis)>> = vec![vec![]; rank];
+        let mut partial = vec![];
+        for a in 0..k {
+            match self.owner[a] {
+                UNUSED => {}
+                PARTIAL => partial.push(a),
+                d => dims[d as usize].push((self.pos[a], a)),
+            }
+        }
+        let dims = dims
+            .into_iter()
+            .map(|mut v| {
+                v.sort_unstable();
+                v.into_iter().map(|(_, a)| a).collect()
+            })
+            .collect();
+        ShardingSpec { dims, partial }
+    }
+}
+
+/// f64 with a total order, for the heap.
+#[derive(Copy, Clone, PartialEq)]
+struct Cost(f64);
+impl Eq for Cost {}
+impl PartialOrd for Cost {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Cost {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// The best known way into a state: (cost, steps) and the move that got there.
+struct Best {
+    cost: f64,
+    steps: u32,
+    prev: Option<(State, Collective, f64, f64)>,
+}
+
+struct Search<'a> {
+    shape: &'a [usize],
+    mesh: &'a Mesh,
+    eff: f64,
+    elem_bytes: f64,
+    total_elems: f64,
+    /// Axes `to` is partial over: reducing them leads nowhere, so those moves are pruned.
+    keep_partial: [bool; MAX_MESH_AXES],
+}
+
+impl<'a> Search<'a> {
+    fn new(
+        shape: &'a [usize],
+        elem_bytes: usize,
+        mesh: &'a Mesh,
+        eff: f64,
+        to: &ShardingSpec,
+    ) -> Self {
+        let mut keep_partial = [false; MAX_MESH_AXES];
+        for &a in &to.partial {
+            keep_partial[a] = true;
+        }
+        Search {
+            shape,
+            mesh,
+            eff,
+            elem_bytes: elem_bytes as f64,
+            total_elems: shape.iter().map(|&s| s as f64).product(),
+            keep_partial,
+        }
+    }
+
+    fn k(&self) -> usize {
+        self.mesh.ndim()
+    }
+
+    /// (parts, number of axes) of each dim.
+    fn dim_info(&self, s: &State) -> Vec<(usize, u8)> {
+        let mut info = vec![(1usize, 0u8); self.shape.len()];
+        for a in 0..self.k() {
+            if let Some(i) = info.get_mut(s.owner[a] as usize) {
+                i.0 = i.0.saturating_mul(self.mesh.shape[a]);
+                i.1 += 1;
+            }
+        }
+        info
+    }
+
+    /// Every move out of `s` into a valid state, in a fixed order.
+    fn moves(&self, s: &State, out: &mut Vec<(Collective, State)>) {
+        out.clear();
+        let info = self.dim_info(s);
+        let rank = self.shape.len();
+        let fits = |d: usize, n: usize| self.shape[d] % info[d].0.saturating_mul(n) == 0;
+        for a in 0..self.k() {
+            let n = self.mesh.shape[a];
+            let with = |owner: u8, pos: u8| {
+                let mut t = *s;
+                t.owner[a] = owner;
+                t.pos[a] = pos;
+                t
+            };
+            match s.owner[a] {
+                UNUSED => {
+                    for d in 0..rank {
+                        if fits(d, n) {
+                            out.push((
+                                Collective::Slice { dim: d, axis: a },
+                                with(d as u8, info[d].1),
+                            ));
+                        }
+                    }
+                }
+                PARTIAL => {
+                    if self.keep_partial[a] {
+                        continue;
+                    }
+                    out.push((Collective::AllReduce { axis: a }, with(UNUSED, 0)));
+                    for d in 0..rank {
+                        if fits(d, n) {
+                            out.push((
+                                Collective::ReduceScatter { dim: d, axis: a },
+                                with(d as u8, info[d].1),
+                            ));
+                        }
+                    }
+                }
+                owner => {
+                    let from_dim = owner as usize;
+                    if s.pos[a] + 1 != info[from_dim].1 {
+                        continue; // not the minor axis of its dim
+                    }
+                    out.push((
+                        Collective::AllGather {
+                            dim: from_dim,
+                            axis: a,
+                        },
+                        with(UNUSED, 0),
+                    ));
+                    for d in (0..rank).filter(|&d| d != from_dim) {
+                        if fits(d, n) {
+                            let op = Collective::AllToAll {
+                                from_dim,
+                                to_dim: d,
+                                axis: a,
+                            };
+                            out.push((op, with(d as u8, info[d].1)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_bytes(&self, s: &State) -> f64 {
+        let parts: f64 = (0..self.k())
+            .filter(|&a| (s.owner[a] as usize) < self.shape.len())
+            .map(|a| self.mesh.shape[a] as f64)
+            .product();
+        self.total_elems / parts * self.elem_bytes
+    }
+
+    fn run(&self, from: &ShardingSpec, to: &ShardingSpec) -> Result<Transition, ReshardError> {
+        let (start, goal) = (State::of(from), State::of(to));
+        let mut best: HashMap<State, Best> = HashMap::new();
+        let mut heap = BinaryHeap::new();
+        best.insert(
+            start,
+            Best {
+                cost: 0.0,
+                steps: 0,
+                prev: None,
+            },
+        );
+        heap.push(Reverse((Cost(0.0), 0u32, start)));
+        let mut moves = vec![];
+        while let Some(Reverse((Cost(cost), steps, s))) = heap.pop() {
+            if best
+                .get(&s)
+                .is_some_and(|b| (Cost(b.cost), b.steps) < (Cost(cost), steps))
+            {
+                continue; // stale heap entry
+            }
+            if s == goal {
+                return Ok(self.path(&best, goal, cost));
+            }
+            let local = self.local_bytes(&s);
+            self.moves(&s, &mut moves);
+            for (op, t) in moves.drain(..) {
+                let a = op.axis();
+                let (bytes, c) = price(
+                    &op,
+                    self.mesh.shape[a],
+                    self.mesh.links.get(a),
+                    self.eff,
+                    local,
+                );
+                let (nc, ns) = (cost + c, steps + 1);
+                let better = best
+                    .get(&t)
+                    .is_none_or(|b| (Cost(nc), ns) < (Cost(b.cost), b.steps));
+                if better {
+                    best.insert(
+                        t,
+                        Best {
+                            cost: nc,
+                            steps: ns,
+                            prev: Some((s, op, bytes, c)),
+                        },
+                    );
+                    heap.push(Reverse((Cost(nc), ns, t)));
+                }
+            }
+        }
+        Err(ReshardError::Unreachable {
+            from: from.to_string(),
+            to: to.to_string(),
+            shape: self.shape.to_vec(),
+        })
+    }
+
+    fn path(&self, best: &HashMap<State, Best>, goal: State, cost_s: f64) -> Transition {
+        let mut steps = vec![];
+        let mut at = goal;
+        while let Some(Best {
+            prev: Some((p, op, bytes, c)),
+            ..
+        }) = best.get(&at)
+        {
+            steps.push(Step {
+                op: op.clone(),
+                after: at.spec(self.shape.len(), self.k()),
+                bytes: *bytes,
+                cost_s: *c,
+            });
+            at = *p;
+        }
+        steps.reverse();
+        Transition { steps, cost_s }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::LinkKind;
+
+    fn mesh(shape: &[usize]) -> Mesh {
+        let links = shape
+            .iter()
+            .map(|_| Link {
+                kind: LinkKind::IntraNode,
+                alpha_s: 1e-6,
+                bandwidth: 1e9,
+            })
+            .collect();
+        Mesh {
+            shape: shape.to_vec(),
+            links,
+        }
+    }
+
+    #[test]
+    fn state_round_trips_specs() {
+        for s in ["S01R", "RS10", "S2S0+P1", "RR+P02", "R"] {
+            let spec: ShardingSpec = s.parse().expect("spec");
+            assert_eq!(State::of(&spec).spec(spec.rank(), 3).to_string(), s);
+        }
+    }
+
+    #[test]
+    fn collective_cost_follows_the_ring_formulas() {
+        let m = mesh(&[4]);
+        let spec: ShardingSpec = "S0".parse().expect("spec");
+        // local 2 elems * 4 B = 8 B; all-gather result 32 B: 3 us + 3/4 * 32 B / 1e9
+        let (b, s) = collective_cost(
+            &Collective::AllGather { dim: 0, axis: 0 },
+            &spec,
+            &[8],
+            4,
+            &m,
+            1.0,
+        );
+        assert_eq!(b, 32.0);
+        assert!((s - (3e-6 + 0.75 * 32.0 / 1e9)).abs() < 1e-15);
+        let p: ShardingSpec = "R+P0".parse().expect("spec");
+        let (b, s) = collective_cost(&Collective::AllReduce { axis: 0 }, &p, &[8], 4, &m, 0.5);
+        assert_eq!(b, 32.0);
+        assert!((s - 2.0 * (3e-6 + 0.75 * 32.0 / 0.5e9)).abs() < 1e-15);
+        let one = mesh(&[1]);
+        assert_eq!(
+            collective_cost(&Collective::AllReduce { axis: 0 }, &p, &[8], 4, &one, 1.0),
+            (0.0, 0.0)
+        );
+        assert_eq!(
+            collective_cost(&Collective::AllReduce { axis: 3 }, &p, &[8], 4, &m, 1.0).1,
+            f64::INFINITY
+        );
+    }
+}
