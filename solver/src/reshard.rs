@@ -49,6 +49,7 @@ use serde::{Deserialize, Serialize};
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Mutex;
 
 /// Seconds charged for a [`Collective::Slice`] over an axis of more than one device.
@@ -502,11 +503,45 @@ const PARTIAL: u8 = u8::MAX - 1;
 
 /// A spec as the owner of each mesh axis (a dim, [`PARTIAL`] or [`UNUSED`]) and its position
 /// in that dim's list: `Copy`, no allocation, cheap to hash.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct State {
     owner: [u8; MAX_MESH_AXES],
     pos: [u8; MAX_MESH_AXES],
 }
+
+impl Hash for State {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(u64::from_le_bytes(self.owner));
+        h.write_u64(u64::from_le_bytes(self.pos));
+    }
+}
+
+/// Multiply-rotate hashing (as rustc's FxHasher) of the two words of a [`State`]: the search
+/// hashes every state it relaxes, and SipHash would dominate its time.
+#[derive(Default)]
+struct StateHasher(u64);
+
+impl StateHasher {
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for StateHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.add(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, w: u64) {
+        self.add(w);
+    }
+}
+
+type StateMap<V> = HashMap<State, V, BuildHasherDefault<StateHasher>>;
 
 impl State {
     /// `spec` must have passed [`check_spec`] (axes in range, rank <= MAX_RANK).
@@ -549,7 +584,7 @@ impl State {
 }
 
 /// f64 with a total order, for the heap.
-#[derive(Copy, Clone, PartialEq)]
+#[derive(Copy, Clone, Debug, PartialEq)]
 struct Cost(f64);
 impl Eq for Cost {}
 impl PartialOrd for Cost {
@@ -570,14 +605,26 @@ struct Best {
     prev: Option<(State, Collective, f64, f64)>,
 }
 
+/// A heap entry, smallest first: estimated total (cost, steps), then the state for a
+/// deterministic order, then the (cost, steps) it was reached with, to spot stale entries.
+type Entry = Reverse<(Cost, u32, State, Cost, u32)>;
+
+/// A* over states. The heuristic is a sum over mesh axes, each a lower bound on the moves that
+/// axis still needs: an axis in the wrong place in a dim, or a partial axis `to` drops, needs
+/// at least one collective over it (at least `(n-1) alpha + (n-1)/n * B_min / bw`, with
+/// `B_min` the bytes a device holds when the tensor is split over every device); an unused axis
+/// `to` splits needs a slice. A move changes one axis only and costs at least that axis's bound,
+/// so the heuristic is consistent and the first time `to` is popped its path is cheapest (the
+/// same holds for the step count, one per misplaced axis).
 struct Search<'a> {
     shape: &'a [usize],
     mesh: &'a Mesh,
     eff: f64,
     elem_bytes: f64,
     total_elems: f64,
-    /// Axes `to` is partial over: reducing them leads nowhere, so those moves are pruned.
-    keep_partial: [bool; MAX_MESH_AXES],
+    goal: State,
+    /// Per mesh axis, the cheapest collective over it can cost (0 for size 1).
+    lower: [f64; MAX_MESH_AXES],
 }
 
 impl<'a> Search<'a> {
@@ -588,17 +635,28 @@ impl<'a> Search<'a> {
         eff: f64,
         to: &ShardingSpec,
     ) -> Self {
-        let mut keep_partial = [false; MAX_MESH_AXES];
-        for &a in &to.partial {
-            keep_partial[a] = true;
+        let total_elems: f64 = shape.iter().map(|&s| s as f64).product();
+        let min_bytes = total_elems * elem_bytes as f64 / mesh.num_devices() as f64;
+        let mut lower = [0.0; MAX_MESH_AXES];
+        for (a, l) in lower.iter_mut().enumerate().take(mesh.ndim()) {
+            // the cheapest collective: one ring pass of the smallest possible payload
+            *l = price(
+                &Collective::AllReduce { axis: a },
+                mesh.shape[a],
+                mesh.links.get(a),
+                eff,
+                min_bytes,
+            )
+            .1 / 2.0;
         }
         Search {
             shape,
             mesh,
             eff,
             elem_bytes: elem_bytes as f64,
-            total_elems: shape.iter().map(|&s| s as f64).product(),
-            keep_partial,
+            total_elems,
+            goal: State::of(to),
+            lower,
         }
     }
 
@@ -606,22 +664,44 @@ impl<'a> Search<'a> {
         self.mesh.ndim()
     }
 
-    /// (parts, number of axes) of each dim.
-    fn dim_info(&self, s: &State) -> Vec<(usize, u8)> {
-        let mut info = vec![(1usize, 0u8); self.shape.len()];
+    /// Lower bounds on the (cost, steps) still needed from `s` to the goal.
+    fn heuristic(&self, s: &State) -> (f64, u32) {
+        let (mut cost, mut steps) = (0.0, 0);
+        for a in 0..self.k() {
+            let (now, want) = (s.owner[a], self.goal.owner[a]);
+            if now == want && (now == UNUSED || now == PARTIAL || s.pos[a] == self.goal.pos[a]) {
+                continue;
+            }
+            steps += 1;
+            if self.mesh.shape[a] > 1 {
+                cost += if now == UNUSED {
+                    SLICE_COST_S
+                } else {
+                    self.lower[a]
+                };
+            }
+        }
+        (cost, steps)
+    }
+
+    /// (parts, number of axes) of each dim, into `info`.
+    fn dim_info(&self, s: &State, info: &mut Vec<(usize, u8)>) {
+        info.clear();
+        info.resize(self.shape.len(), (1, 0));
         for a in 0..self.k() {
             if let Some(i) = info.get_mut(s.owner[a] as usize) {
                 i.0 = i.0.saturating_mul(self.mesh.shape[a]);
                 i.1 += 1;
             }
         }
-        info
     }
 
-    /// Every move out of `s` into a valid state, in a fixed order.
-    fn moves(&self, s: &State, out: &mut Vec<(Collective, State)>) {
+    /// Every move out of `s` into a valid state, in a fixed order. Moves that reduce a partial
+    /// sum `to` keeps lead nowhere (partial sums are never created) and are left out.
+    fn moves(&self, s: &State, info: &mut Vec<(usize, u8)>, out: &mut Vec<(Collective, State)>) {
         out.clear();
-        let info = self.dim_info(s);
+        self.dim_info(s, info);
+        let info = &*info;
         let rank = self.shape.len();
         let fits = |d: usize, n: usize| self.shape[d] % info[d].0.saturating_mul(n) == 0;
         for a in 0..self.k() {
@@ -634,27 +714,19 @@ impl<'a> Search<'a> {
             };
             match s.owner[a] {
                 UNUSED => {
-                    for d in 0..rank {
-                        if fits(d, n) {
-                            out.push((
-                                Collective::Slice { dim: d, axis: a },
-                                with(d as u8, info[d].1),
-                            ));
-                        }
+                    for d in (0..rank).filter(|&d| fits(d, n)) {
+                        let op = Collective::Slice { dim: d, axis: a };
+                        out.push((op, with(d as u8, info[d].1)));
                     }
                 }
                 PARTIAL => {
-                    if self.keep_partial[a] {
+                    if self.goal.owner[a] == PARTIAL {
                         continue;
                     }
                     out.push((Collective::AllReduce { axis: a }, with(UNUSED, 0)));
-                    for d in 0..rank {
-                        if fits(d, n) {
-                            out.push((
-                                Collective::ReduceScatter { dim: d, axis: a },
-                                with(d as u8, info[d].1),
-                            ));
-                        }
+                    for d in (0..rank).filter(|&d| fits(d, n)) {
+                        let op = Collective::ReduceScatter { dim: d, axis: a };
+                        out.push((op, with(d as u8, info[d].1)));
                     }
                 }
                 owner => {
@@ -662,22 +734,18 @@ impl<'a> Search<'a> {
                     if s.pos[a] + 1 != info[from_dim].1 {
                         continue; // not the minor axis of its dim
                     }
-                    out.push((
-                        Collective::AllGather {
-                            dim: from_dim,
+                    let op = Collective::AllGather {
+                        dim: from_dim,
+                        axis: a,
+                    };
+                    out.push((op, with(UNUSED, 0)));
+                    for d in (0..rank).filter(|&d| d != from_dim && fits(d, n)) {
+                        let op = Collective::AllToAll {
+                            from_dim,
+                            to_dim: d,
                             axis: a,
-                        },
-                        with(UNUSED, 0),
-                    ));
-                    for d in (0..rank).filter(|&d| d != from_dim) {
-                        if fits(d, n) {
-                            let op = Collective::AllToAll {
-                                from_dim,
-                                to_dim: d,
-                                axis: a,
-                            };
-                            out.push((op, with(d as u8, info[d].1)));
-                        }
+                        };
+                        out.push((op, with(d as u8, info[d].1)));
                     }
                 }
             }
@@ -685,16 +753,22 @@ impl<'a> Search<'a> {
     }
 
     fn local_bytes(&self, s: &State) -> f64 {
+        let rank = self.shape.len();
         let parts: f64 = (0..self.k())
-            .filter(|&a| (s.owner[a] as usize) < self.shape.len())
+            .filter(|&a| (s.owner[a] as usize) < rank)
             .map(|a| self.mesh.shape[a] as f64)
             .product();
         self.total_elems / parts * self.elem_bytes
     }
 
+    fn entry(&self, s: State, cost: f64, steps: u32) -> Entry {
+        let (hc, hs) = self.heuristic(&s);
+        Reverse((Cost(cost + hc), steps + hs, s, Cost(cost), steps))
+    }
+
     fn run(&self, from: &ShardingSpec, to: &ShardingSpec) -> Result<Transition, ReshardError> {
-        let (start, goal) = (State::of(from), State::of(to));
-        let mut best: HashMap<State, Best> = HashMap::new();
+        let start = State::of(from);
+        let mut best: StateMap<Best> = StateMap::default();
         let mut heap = BinaryHeap::new();
         best.insert(
             start,
@@ -704,20 +778,20 @@ impl<'a> Search<'a> {
                 prev: None,
             },
         );
-        heap.push(Reverse((Cost(0.0), 0u32, start)));
-        let mut moves = vec![];
-        while let Some(Reverse((Cost(cost), steps, s))) = heap.pop() {
+        heap.push(self.entry(start, 0.0, 0));
+        let (mut moves, mut info) = (vec![], vec![]);
+        while let Some(Reverse((_, _, s, Cost(cost), steps))) = heap.pop() {
             if best
                 .get(&s)
-                .is_some_and(|b| (Cost(b.cost), b.steps) < (Cost(cost), steps))
+                .is_some_and(|b| (Cost(b.cost), b.steps) != (Cost(cost), steps))
             {
-                continue; // stale heap entry
+                continue; // stale: a cheaper way in was found after this entry was pushed
             }
-            if s == goal {
-                return Ok(self.path(&best, goal, cost));
+            if s == self.goal {
+                return Ok(self.path(&best, cost));
             }
             let local = self.local_bytes(&s);
-            self.moves(&s, &mut moves);
+            self.moves(&s, &mut info, &mut moves);
             for (op, t) in moves.drain(..) {
                 let a = op.axis();
                 let (bytes, c) = price(
@@ -728,10 +802,10 @@ impl<'a> Search<'a> {
                     local,
                 );
                 let (nc, ns) = (cost + c, steps + 1);
-                let better = best
+                if best
                     .get(&t)
-                    .is_none_or(|b| (Cost(nc), ns) < (Cost(b.cost), b.steps));
-                if better {
+                    .is_none_or(|b| (Cost(nc), ns) < (Cost(b.cost), b.steps))
+                {
                     best.insert(
                         t,
                         Best {
@@ -740,7 +814,7 @@ impl<'a> Search<'a> {
                             prev: Some((s, op, bytes, c)),
                         },
                     );
-                    heap.push(Reverse((Cost(nc), ns, t)));
+                    heap.push(self.entry(t, nc, ns));
                 }
             }
         }
@@ -751,9 +825,9 @@ impl<'a> Search<'a> {
         })
     }
 
-    fn path(&self, best: &HashMap<State, Best>, goal: State, cost_s: f64) -> Transition {
+    fn path(&self, best: &StateMap<Best>, cost_s: f64) -> Transition {
         let mut steps = vec![];
-        let mut at = goal;
+        let mut at = self.goal;
         while let Some(Best {
             prev: Some((p, op, bytes, c)),
             ..
