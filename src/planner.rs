@@ -202,6 +202,7 @@ fn op_axes(g: &Graph, n: NodeId) -> OpAxes {
                     OpAxisKind::Parallel => AxisKind::Parallel,
                     OpAxisKind::Contracted => AxisKind::Contracted,
                     OpAxisKind::Whole => AxisKind::Whole,
+                    OpAxisKind::Statistics => AxisKind::Statistics,
                 };
                 (a.size, k)
             })
@@ -301,7 +302,8 @@ impl<'a> Builder<'a> {
     fn family_allows_op(&self, n: NodeId, s: &Strategy) -> bool {
         let last = self.mesh.ndim().saturating_sub(1);
         let batch = self.batch_axis[n.0 as usize];
-        let dp_axes_ok = |axes: &mut dyn Iterator<Item = usize>| {
+        let dp_axes_ok = |axes: std::ops::Range<usize>| {
+            let mut axes = axes;
             // every listed mesh axis on the batch axis, when the batch axis can take it
             let mut parts = 1;
             axes.all(|m| {
@@ -324,9 +326,9 @@ impl<'a> Builder<'a> {
         };
         match self.opts.family {
             Family::Auto => true,
-            Family::Dp | Family::Fsdp => dp_axes_ok(&mut (0..self.mesh.ndim())),
+            Family::Dp | Family::Fsdp => dp_axes_ok(0..self.mesh.ndim()),
             Family::Tp => {
-                dp_axes_ok(&mut (0..last))
+                dp_axes_ok(0..last)
                     // the tensor-parallel axis splits anything but the batch
                     && match (batch, s.assignment.get(last).copied().flatten()) {
                         (Some(b), Some(a)) => a != b,
@@ -527,13 +529,13 @@ pub fn plan(model: &str, tg: &TrainingGraph, profile: &Profile, opts: &PlanOptio
 
     let t_build = Instant::now();
     let problem = build_problem(&b)?;
-    problem.check().map_err(|e| Error::Usage(format!("internal: malformed problem: {e}")))?;
+    problem.problem.check().map_err(|e| Error::Usage(format!("internal: malformed problem: {e}")))?;
     let build_s = t_build.elapsed().as_secs_f64();
 
     let solve_opts = SolveOptions { backend: opts.backend, time_limit_s: opts.time_limit_s, ..SolveOptions::default() };
     let result = match ilp::solve(&problem.problem, &solve_opts) {
         Ok(r) => r,
-        Err(ilp::SolveError::Infeasible) => {
+        Err(ilp::SolveError::Infeasible { .. }) => {
             let min = ilp::min_peak_memory(&problem.problem, &solve_opts).map_err(|e| Error::Usage(e.to_string()))?;
             return Err(Error::Usage(format!(
                 "no {} plan of {model} on mesh {} fits {:.2} GiB per device: the smallest per-device memory any such plan needs is {:.2} GiB",
@@ -632,6 +634,15 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
                                 c += b.resharder.transition(out, &raw.without_partial(), shape, eb).map_err(reshard_err)?.cost_s;
                             }
                         }
+                    }
+                    if !st.statistics_axes.is_empty() {
+                        // SyncBatchNorm-style: all-reduce statistics shaped like the op's rank-1
+                        // operands, once forward and once backward
+                        let stat_elems: usize =
+                            g.node(*root).inputs.iter().map(|&v| g.ty(v)).filter(|t| t.rank() == 1).map(|t| t.numel()).sum();
+                        let partial = ShardingSpec { dims: vec![vec![]], partial: st.statistics_axes.clone() };
+                        let t = b.resharder.transition(&partial, &ShardingSpec::replicated(1), &[stat_elems.max(1)], 4).map_err(reshard_err)?;
+                        c += 2.0 * t.cost_s;
                     }
                     comm[k][s] = c;
                 }

@@ -70,7 +70,9 @@ use std::fmt;
 use std::time::Instant;
 
 use good_lp::solvers::{ResolutionError, SolutionStatus};
-use good_lp::{constraint, variable, Constraint, Expression, ProblemVariables, Solution as _, SolverModel, Variable};
+use good_lp::{
+    constraint, variable, Constraint, Expression, ProblemVariables, Solution as _, SolverModel, Variable, WithInitialSolution,
+};
 
 use crate::problem::{evaluate, Problem, Solution};
 
@@ -259,41 +261,49 @@ pub fn solve(p: &Problem, opts: &SolveOptions) -> Result<SolveResult, SolveError
     let build_s = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
-    let out = run_backend(model, opts)?;
-    let values = match out.values {
-        Some(v) => v,
-        None => {
-            return Err(SolveError::TimeLimitNoPlan { limit_s: opts.time_limit_s.unwrap_or(f64::INFINITY) });
+    let start = start_plan(&ilp).map(|choice| Solution { choice }).and_then(|s| {
+        let ev = evaluate(p, &s);
+        ev.violations.is_empty().then_some((s, ev))
+    });
+    let start_vals = start.as_ref().map(|(s, _)| start_values(&ilp, &s.choice));
+    let start_cols = start_vals.as_deref().map(|v| StartCols { values: v, objective: ilp.obj.iter().zip(v).map(|(c, x)| c * x).sum() });
+    let out = run_backend(model, start_cols, opts)?;
+    let bad = |message: String| SolveError::Backend { backend: opts.backend.name(), message };
+    let found = match out.values.as_deref().map(|v| ilp.decode(v)) {
+        Some(Some(sol)) => {
+            let ev = evaluate(p, &sol);
+            if ev.violations.is_empty() {
+                Some((sol, ev))
+            } else if out.status == SolveStatus::Optimal {
+                return Err(bad(format!("returned a plan that breaks the problem: {}", ev.violations.join("; "))));
+            } else {
+                None
+            }
         }
+        Some(None) if out.status == SolveStatus::Optimal => {
+            return Err(bad("reported a solution whose strategy variables are not 0/1 with one 1 per node".into()));
+        }
+        None if out.status == SolveStatus::Optimal => return Err(bad("reported optimality without a solution".into())),
+        _ => None,
     };
-    let decoded = ilp.decode(&values);
-    let solution = match decoded {
-        Some(s) => s,
-        None if out.status == SolveStatus::TimeLimit => {
-            return Err(SolveError::TimeLimitNoPlan { limit_s: opts.time_limit_s.unwrap_or(f64::INFINITY) });
+    // The backend's plan, or the start if the backend found nothing better.
+    let (solution, ev) = match (found, start) {
+        (Some(f), Some(st)) => {
+            if st.1.objective < f.1.objective {
+                st
+            } else {
+                f
+            }
         }
-        None => {
-            return Err(SolveError::Backend {
-                backend: opts.backend.name(),
-                message: "reported a solution whose strategy variables are not 0/1 with one 1 per node".into(),
-            })
-        }
+        (Some(f), None) => f,
+        (None, Some(st)) => st,
+        (None, None) => return Err(SolveError::TimeLimitNoPlan { limit_s: opts.time_limit_s.unwrap_or(f64::INFINITY) }),
     };
-    let ev = evaluate(p, &solution);
-    if !ev.violations.is_empty() {
-        if out.status == SolveStatus::TimeLimit {
-            return Err(SolveError::TimeLimitNoPlan { limit_s: opts.time_limit_s.unwrap_or(f64::INFINITY) });
-        }
-        return Err(SolveError::Backend {
-            backend: opts.backend.name(),
-            message: format!("returned a plan that breaks the problem: {}", ev.violations.join("; ")),
-        });
-    }
     let (mut lower_bound, bound_source) = match out.bound.filter(|b| b.is_finite() && b.abs() < 1e30) {
         Some(b) => (b / ilp.scale + ilp.offset, BoundSource::Backend),
         None => {
             let relaxed = LpModel::new(&ilp, true);
-            let lp = run_backend(relaxed, &SolveOptions { time_limit_s: None, ..opts.clone() })?;
+            let lp = run_backend(relaxed, None, &SolveOptions { time_limit_s: None, ..opts.clone() })?;
             match lp.objective {
                 Some(b) if b.is_finite() => (b / ilp.scale + ilp.offset, BoundSource::LpRelaxation),
                 _ => {
@@ -390,6 +400,28 @@ struct Ilp {
     offset: f64,
     /// `σ` of the module doc.
     scale: f64,
+    /// The coupled pairs, for the start heuristic.
+    pairs: Vec<PairCols>,
+    /// The memory rows (D) by node, for the start heuristic.
+    mem: Vec<MemCols>,
+}
+
+/// Where a coupled pair's `y` lives: `y[a][b]` is column `y0 + a * nb + b`.
+#[derive(Clone, Debug)]
+struct PairCols {
+    u: usize,
+    v: usize,
+    u_class: Vec<usize>,
+    v_class: Vec<usize>,
+    y0: usize,
+    nb: usize,
+}
+
+/// A row (D) by node: `(node, GiB of each strategy)`, and its right-hand side in GiB.
+#[derive(Clone, Debug)]
+struct MemCols {
+    terms: Vec<(usize, Vec<f64>)>,
+    rhs: f64,
 }
 
 impl Ilp {
@@ -525,7 +557,8 @@ fn formulate(p: &Problem) -> Result<Ilp, SolveError> {
             rows.push(Row { family: Family::A, terms: (first..first + count).map(|c| (c, 1.0)).collect(), sense: Sense::Eq, rhs: 1.0 });
         }
     }
-    for c in &couplings {
+    let mut pairs = Vec::with_capacity(couplings.len());
+    for c in couplings {
         let (na, nb) = (c.cost.len(), c.cost.first().map_or(0, |r| r.len()));
         let y0 = obj.len();
         for row in &c.cost {
@@ -546,8 +579,10 @@ fn formulate(p: &Problem) -> Result<Ilp, SolveError> {
             }
             rows.push(Row { family: Family::C, terms, sense: Sense::Eq, rhs: 0.0 });
         }
+        pairs.push(PairCols { u: c.u, v: c.v, u_class: c.u_class, v_class: c.v_class, y0, nb });
     }
-    for r in &mem_rows {
+    let mut mem = Vec::with_capacity(mem_rows.len());
+    for r in mem_rows {
         let mut terms = vec![];
         for (n, extra) in &r.terms {
             for (s, &b) in extra.iter().enumerate() {
@@ -559,6 +594,8 @@ fn formulate(p: &Problem) -> Result<Ilp, SolveError> {
             }
         }
         rows.push(Row { family: Family::D, terms, sense: Sense::Le, rhs: r.rhs / GIB });
+        let by_node = r.terms.into_iter().map(|(n, extra)| (n, extra.iter().map(|b| b / GIB).collect())).collect();
+        mem.push(MemCols { terms: by_node, rhs: r.rhs / GIB });
     }
 
     // σ: a power of two, so scaling is exact.
@@ -567,7 +604,7 @@ fn formulate(p: &Problem) -> Result<Ilp, SolveError> {
     for c in &mut obj {
         *c *= scale;
     }
-    Ok(Ilp { node_vars, n_cols: obj.len(), obj, binary, rows, offset, scale })
+    Ok(Ilp { node_vars, n_cols: obj.len(), obj, binary, rows, offset, scale, pairs, mem })
 }
 
 fn argmin(xs: &[f64]) -> usize {
@@ -709,7 +746,9 @@ fn reduce_memory(p: &Problem, budget: f64, fixed: &[Option<usize>]) -> Result<Ve
         if least + most_extra <= budget {
             continue; // no plan can break it
         }
-        let rhs = budget - least;
+        // `least` may pass the budget by `evaluate`'s slack (or by rounding): the row then
+        // forces every node to its least bytes.
+        let rhs = (budget - least).max(0.0);
         let key: Vec<(usize, Vec<u64>)> = terms.iter().map(|(n, e)| (*n, e.iter().map(|b| b.to_bits()).collect())).collect();
         match by_terms.get(&key) {
             Some(&i) => rows[i].rhs = rows[i].rhs.min(rhs),
@@ -720,6 +759,224 @@ fn reduce_memory(p: &Problem, budget: f64, fixed: &[Option<usize>]) -> Result<Ve
         }
     }
     Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The start heuristic.
+
+/// Local search for a feasible plan, in the reduced model's terms. Why: CBC otherwise spends most
+/// of its time on large models in its feasibility pump looking for a first plan, and a time limit
+/// can stop it before it has any; the start is given to the backend as its first incumbent and
+/// is the answer if the backend finds nothing better.
+///
+/// Iterated conditional modes: each node in turn takes the strategy cheapest given its
+/// neighbours' current ones. Memory is repaired greedily (in the most violated row (D), the
+/// change that removes the most excess per unit of extra cost), from the cheapest plan and,
+/// failing that, from the plan of least memory; then a last round of changes that keep every
+/// row (D) lowers the cost.
+struct Start<'a> {
+    ilp: &'a Ilp,
+    /// Pairs at each node.
+    pairs_at: Vec<Vec<usize>>,
+    /// `(row, term)` of each node in the rows (D).
+    rows_at: Vec<Vec<(usize, usize)>>,
+    free: Vec<usize>,
+    choice: Vec<usize>,
+    /// GiB of each row (D) under `choice`.
+    load: Vec<f64>,
+}
+
+/// GiB by which a row (D) may exceed its right-hand side in the start (a byte).
+const START_MEM_TOL: f64 = 1.0 / GIB;
+
+impl<'a> Start<'a> {
+    fn new(ilp: &'a Ilp) -> Self {
+        let n = ilp.node_vars.len();
+        let mut pairs_at = vec![vec![]; n];
+        for (k, p) in ilp.pairs.iter().enumerate() {
+            pairs_at[p.u].push(k);
+            pairs_at[p.v].push(k);
+        }
+        let mut rows_at = vec![vec![]; n];
+        for (r, row) in ilp.mem.iter().enumerate() {
+            for (t, (node, _)) in row.terms.iter().enumerate() {
+                rows_at[*node].push((r, t));
+            }
+        }
+        let free = (0..n).filter(|&i| ilp.node_vars[i].fixed().is_none()).collect();
+        let choice = ilp.node_vars.iter().map(|v| v.fixed().unwrap_or(0)).collect();
+        Start { ilp, pairs_at, rows_at, free, choice, load: vec![0.0; ilp.mem.len()] }
+    }
+
+    fn strategies(&self, n: usize) -> usize {
+        match self.ilp.node_vars[n] {
+            NodeVars::Free { count, .. } => count,
+            NodeVars::Fixed(_) => 1,
+        }
+    }
+
+    /// Scaled cost of node `n` taking `s` given the others' current strategies: its `x` and
+    /// the `y` of its pairs.
+    fn cost(&self, n: usize, s: usize) -> f64 {
+        let NodeVars::Free { first, .. } = self.ilp.node_vars[n] else {
+            return 0.0;
+        };
+        let mut c = self.ilp.obj[first + s];
+        for &k in &self.pairs_at[n] {
+            let p = &self.ilp.pairs[k];
+            let (a, b) = if p.u == n { (p.u_class[s], p.v_class[self.choice[p.v]]) } else { (p.u_class[self.choice[p.u]], p.v_class[s]) };
+            c += self.ilp.obj[p.y0 + a * p.nb + b];
+        }
+        c
+    }
+
+    fn bytes(&self, r: usize, t: usize, s: usize) -> f64 {
+        self.ilp.mem[r].terms[t].1[s]
+    }
+
+    fn reload(&mut self) {
+        for (r, row) in self.ilp.mem.iter().enumerate() {
+            self.load[r] = row.terms.iter().map(|(n, b)| b[self.choice[*n]]).sum();
+        }
+    }
+
+    fn set(&mut self, n: usize, s: usize) {
+        let cur = self.choice[n];
+        for &(r, t) in &self.rows_at[n] {
+            self.load[r] += self.bytes(r, t, s) - self.bytes(r, t, cur);
+        }
+        self.choice[n] = s;
+    }
+
+    fn excess_change(&self, n: usize, s: usize) -> f64 {
+        let cur = self.choice[n];
+        let mut d = 0.0;
+        for &(r, t) in &self.rows_at[n] {
+            let rhs = self.ilp.mem[r].rhs;
+            let now = self.load[r];
+            let then = now + self.bytes(r, t, s) - self.bytes(r, t, cur);
+            d += (then - rhs).max(0.0) - (now - rhs).max(0.0);
+        }
+        d
+    }
+
+    fn fits(&self, n: usize, s: usize) -> bool {
+        let cur = self.choice[n];
+        self.rows_at[n].iter().all(|&(r, t)| self.load[r] + self.bytes(r, t, s) - self.bytes(r, t, cur) <= self.ilp.mem[r].rhs + START_MEM_TOL)
+    }
+
+    /// One pass over the nodes; whether anything changed.
+    fn sweep(&mut self, keep_memory: bool) -> bool {
+        let mut changed = false;
+        for i in 0..self.free.len() {
+            let n = self.free[i];
+            let cur = self.choice[n];
+            let mut best = (self.cost(n, cur), cur);
+            for s in 0..self.strategies(n) {
+                let c = self.cost(n, s);
+                if c < best.0 - 1e-12 * best.0.abs().max(1e-9) && (!keep_memory || self.fits(n, s)) {
+                    best = (c, s);
+                }
+            }
+            if best.1 != cur {
+                self.set(n, best.1);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    fn improve(&mut self, keep_memory: bool) {
+        for _ in 0..10 {
+            if !self.sweep(keep_memory) {
+                break;
+            }
+        }
+    }
+
+    /// Moves until every row (D) holds; false if stuck.
+    fn repair(&mut self) -> bool {
+        let limit = 8 * self.free.len().max(1) * self.free.iter().map(|&n| self.strategies(n)).max().unwrap_or(1);
+        for _ in 0..limit {
+            let worst = (0..self.ilp.mem.len())
+                .map(|r| (self.load[r] - self.ilp.mem[r].rhs, r))
+                .filter(|&(e, _)| e > START_MEM_TOL)
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            let Some((_, r)) = worst else {
+                return true;
+            };
+            let mut best: Option<(f64, usize, usize)> = None;
+            for &(n, _) in &self.ilp.mem[r].terms {
+                let cur = self.choice[n];
+                let c0 = self.cost(n, cur);
+                for s in 0..self.strategies(n) {
+                    let dv = self.excess_change(n, s);
+                    if s == cur || dv >= -START_MEM_TOL * 1e-3 {
+                        continue;
+                    }
+                    let score = (self.cost(n, s) - c0) / -dv;
+                    if best.is_none_or(|b| score < b.0) {
+                        best = Some((score, n, s));
+                    }
+                }
+            }
+            match best {
+                Some((_, n, s)) => self.set(n, s),
+                None => return false,
+            }
+        }
+        false
+    }
+}
+
+/// A plan (a strategy per node) for the backend to start from, if the heuristic finds one.
+fn start_plan(ilp: &Ilp) -> Option<Vec<usize>> {
+    let mut st = Start::new(ilp);
+    for i in 0..st.free.len() {
+        let n = st.free[i];
+        st.choice[n] = (0..st.strategies(n)).min_by(|&a, &b| st.cost_alone(n, a).total_cmp(&st.cost_alone(n, b))).unwrap_or(0);
+    }
+    st.reload();
+    st.improve(false);
+    if !st.repair() {
+        for i in 0..st.free.len() {
+            let n = st.free[i];
+            let bytes = |s: usize| st.rows_at[n].iter().map(|&(r, t)| st.bytes(r, t, s)).sum::<f64>();
+            st.choice[n] = (0..st.strategies(n)).min_by(|&a, &b| bytes(a).total_cmp(&bytes(b))).unwrap_or(0);
+        }
+        st.reload();
+        if !st.repair() {
+            return None;
+        }
+    }
+    st.improve(true);
+    st.reload();
+    let fits = st.ilp.mem.iter().zip(&st.load).all(|(row, &l)| l <= row.rhs + START_MEM_TOL);
+    fits.then_some(st.choice)
+}
+
+impl Start<'_> {
+    /// Linear cost of `n` taking `s`, ignoring its pairs.
+    fn cost_alone(&self, n: usize, s: usize) -> f64 {
+        match self.ilp.node_vars[n] {
+            NodeVars::Free { first, .. } => self.ilp.obj[first + s],
+            NodeVars::Fixed(_) => 0.0,
+        }
+    }
+}
+
+/// Column values of the plan `choice`.
+fn start_values(ilp: &Ilp, choice: &[usize]) -> Vec<f64> {
+    let mut values = vec![0.0; ilp.n_cols];
+    for (n, v) in ilp.node_vars.iter().enumerate() {
+        if let NodeVars::Free { first, .. } = *v {
+            values[first + choice[n]] = 1.0;
+        }
+    }
+    for p in &ilp.pairs {
+        values[p.y0 + p.u_class[choice[p.u]] * p.nb + p.v_class[choice[p.v]]] = 1.0;
+    }
+    values
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -783,18 +1040,36 @@ struct Outcome {
     objective: Option<f64>,
 }
 
-fn run_backend(m: LpModel, opts: &SolveOptions) -> Result<Outcome, SolveError> {
+/// A feasible plan for the backend's first incumbent: a value per column and the scaled
+/// objective without `K`.
+#[derive(Clone, Copy)]
+struct StartCols<'a> {
+    values: &'a [f64],
+    objective: f64,
+}
+
+/// CBC's secondary status "linear relaxation not feasible (or worse than cutoff)".
+const CBC_LP_INFEASIBLE_OR_CUTOFF: i32 = 1;
+
+fn run_backend(m: LpModel, start: Option<StartCols<'_>>, opts: &SolveOptions) -> Result<Outcome, SolveError> {
     match opts.backend {
-        Backend::Cbc => run_cbc(m, opts),
+        Backend::Cbc => run_cbc(m, start, opts),
         #[cfg(feature = "highs")]
-        Backend::Highs => run_highs(m, opts),
+        Backend::Highs => run_highs(m, start, opts),
     }
 }
 
-fn run_cbc(m: LpModel, opts: &SolveOptions) -> Result<Outcome, SolveError> {
+fn run_cbc(m: LpModel, start: Option<StartCols<'_>>, opts: &SolveOptions) -> Result<Outcome, SolveError> {
     let LpModel { vars, cols, objective, constraints } = m;
     let mut model = vars.minimise(objective).using(good_lp::coin_cbc);
-    model.set_log_level(if opts.verbose { 1 } else { 0 });
+    if let Ok(v) = std::env::var("ILP_CBC_PARAMS") { for kv in v.split(',') { if let Some((k, v)) = kv.split_once('=') { model.set_parameter(k, v); } } }
+    if let Some(st) = start {
+        model = model.with_initial_solution(cols.iter().copied().zip(st.values.iter().copied()));
+    }
+    let verbose = opts.verbose || std::env::var("ILP_CBC_LOG").is_ok();
+    model.set_log_level(if verbose { 1 } else { 0 });
+    // Clp's own messages (presolve notes) print even at CBC log level 0.
+    model.set_parameter("slogLevel", if verbose { "1" } else { "0" });
     model.set_parameter("ratioGap", &opts.mip_gap.to_string());
     if let Some(t) = opts.time_limit_s {
         model.set_parameter("seconds", &t.to_string());
@@ -802,29 +1077,48 @@ fn run_cbc(m: LpModel, opts: &SolveOptions) -> Result<Outcome, SolveError> {
     if let Some(n) = opts.threads {
         model.set_parameter("threads", &n.to_string());
     }
+    // A start's objective is CBC's cutoff; this keeps plans better by any amount admissible.
+    model.set_parameter("increment", "1e-9");
     for c in constraints {
         model.add_constraint(c);
     }
     let fail = |message: String| SolveError::Backend { backend: "cbc", message };
+    // With a start, "infeasible" means that no plan beats the start (CBC's cutoff) by more than
+    // `increment`: the start is optimal, and its objective the bound (CBC's own best bound is
+    // then stale).
+    let start_is_optimal = |st: StartCols<'_>| Outcome {
+        values: Some(st.values.to_vec()),
+        status: SolveStatus::Optimal,
+        bound: Some(st.objective),
+        objective: Some(st.objective),
+    };
     match model.solve() {
         Ok(sol) => {
+            let raw = sol.model();
+            if std::env::var("ILP_DEBUG").is_ok() { eprintln!("DEBUG status {:?} {:?} obj {} bound {} start {:?}", raw.status(), raw.secondary_status(), raw.obj_value(), raw.best_possible_value(), start.map(|s| s.objective)); }
+            if raw.secondary_status() as i32 == CBC_LP_INFEASIBLE_OR_CUTOFF {
+                return match start {
+                    Some(st) => Ok(start_is_optimal(st)),
+                    None => Err(SolveError::Infeasible { reason: "CBC proved that no plan satisfies every memory row".into() }),
+                };
+            }
             let status = match sol.status() {
                 SolutionStatus::TimeLimit => SolveStatus::TimeLimit,
                 _ => SolveStatus::Optimal,
             };
-            let raw = sol.model();
             let values = cols.iter().map(|&c| sol.value(c)).collect();
             Ok(Outcome { values: Some(values), status, bound: Some(raw.best_possible_value()), objective: Some(raw.obj_value()) })
         }
-        Err(ResolutionError::Infeasible) => {
-            Err(SolveError::Infeasible { reason: "CBC proved that no plan satisfies every memory row".into() })
-        }
+        Err(ResolutionError::Infeasible) => match start {
+            Some(st) => Ok(start_is_optimal(st)),
+            None => Err(SolveError::Infeasible { reason: "CBC proved that no plan satisfies every memory row".into() }),
+        },
         Err(e) => Err(fail(e.to_string())),
     }
 }
 
 #[cfg(feature = "highs")]
-fn run_highs(m: LpModel, opts: &SolveOptions) -> Result<Outcome, SolveError> {
+fn run_highs(m: LpModel, start: Option<StartCols<'_>>, opts: &SolveOptions) -> Result<Outcome, SolveError> {
     use highs::{HighsModelStatus as St, HighsSolutionStatus};
     let LpModel { vars, cols, objective, constraints } = m;
     let mut problem = vars.minimise(objective).using(good_lp::highs);
@@ -833,7 +1127,7 @@ fn run_highs(m: LpModel, opts: &SolveOptions) -> Result<Outcome, SolveError> {
     }
     let fail = |message: String| SolveError::Backend { backend: "highs", message };
     let mut model = problem.try_into_inner().map_err(|e| fail(e.to_string()))?;
-    let mut set = |key: &str, r: Result<(), highs::HighsStatus>| r.map_err(|e| fail(format!("setting {key}: {e:?}")));
+    let set = |key: &str, r: Result<(), highs::TrySetOptionError>| r.map_err(|e| fail(format!("setting {key}: {e:?}")));
     if opts.verbose {
         set("output_flag", model.try_set_option("output_flag", true))?;
         set("log_to_console", model.try_set_option("log_to_console", true))?;
@@ -845,6 +1139,9 @@ fn run_highs(m: LpModel, opts: &SolveOptions) -> Result<Outcome, SolveError> {
     if let Some(n) = opts.threads {
         let n = i32::try_from(n).map_err(|_| SolveError::InvalidOptions(format!("{n} threads")))?;
         set("threads", model.try_set_option("threads", n))?;
+    }
+    if let Some(st) = start {
+        model.try_set_solution(Some(st.values), None, None, None).map_err(|e| fail(format!("setting the start: {e:?}")))?;
     }
     let solved = model.try_solve().map_err(|e| fail(format!("{e:?}")))?;
     let status = match solved.status() {

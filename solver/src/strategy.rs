@@ -28,6 +28,8 @@ pub enum AxisKind {
     Parallel,
     Contracted,
     Whole,
+    /// Split like `Parallel`; the op then all-reduces its statistics over the split mesh axes.
+    Statistics,
 }
 
 /// An op's axes: sizes and kinds, and which axis each dim of each operand carries.
@@ -54,6 +56,8 @@ pub struct Strategy {
     pub input_grad_partial: Vec<Vec<MeshAxis>>,
     /// Number of parts the op's work is split into.
     pub work_divisor: usize,
+    /// Mesh axes over which the op all-reduces statistics (split `Statistics` axes).
+    pub statistics_axes: Vec<MeshAxis>,
 }
 
 impl Strategy {
@@ -144,6 +148,8 @@ pub fn enumerate(op: &OpAxes, output_shapes: &[Vec<usize>], mesh: &Mesh) -> Vec<
             .iter()
             .map(|dims| (0..asg.len()).filter(|&m| asg[m].is_some_and(|a| !dims.contains(&Some(a)))).collect())
             .collect();
+        let statistics_axes: Vec<MeshAxis> =
+            (0..asg.len()).filter(|&m| asg[m].is_some_and(|a| op.axes[a].1 == AxisKind::Statistics)).collect();
         let work_divisor = asg.iter().enumerate().filter(|(_, a)| a.is_some()).map(|(m, _)| mesh.axis_size(m)).product();
         // resolve each output's partial sums; outputs resolve independently
         let per_output: Vec<Vec<ShardingSpec>> =
@@ -160,6 +166,7 @@ pub fn enumerate(op: &OpAxes, output_shapes: &[Vec<usize>], mesh: &Mesh) -> Vec<
                 raw_outputs: raw_outputs.clone(),
                 input_grad_partial: input_grad_partial.clone(),
                 work_divisor,
+                statistics_axes: statistics_axes.clone(),
             });
         }
     }
@@ -227,7 +234,7 @@ mod tests {
         .assert_debug_eq(&notes);
         // row parallel: x's gradient is not partial, the weight's gradient is not partial either
         let row = &s[3];
-        assert_eq!(row.input_grad_partial, vec![vec![], vec![]]);
+        assert_eq!(row.input_grad_partial, vec![Vec::<usize>::new(), vec![]]);
         // data parallel: the weight's gradient is partial over the batch axis
         assert_eq!(s[1].input_grad_partial, vec![vec![], vec![0]]);
         // column parallel: x's gradient is partial (Megatron's f)

@@ -31,7 +31,7 @@ fn chain(n: usize, window: usize, seed: u64) -> Problem {
             costs: (0..STRATEGIES).map(|s| 1e-3 * (1.0 + 0.3 * (s % CLASSES) as f64 + rng.unit())).collect(),
         })
         .collect();
-    let mut reshard = |rng: &mut Rng| -> Vec<Vec<f64>> {
+    let reshard = |rng: &mut Rng| -> Vec<Vec<f64>> {
         (0..CLASSES).map(|a| (0..CLASSES).map(|b| if a == b { 0.0 } else { 2e-4 * (1.0 + rng.unit()) }).collect()).collect()
     };
     let src_class: Vec<usize> = (0..STRATEGIES).map(|s| s % CLASSES).collect();
@@ -114,4 +114,20 @@ fn zero_time_limit_gives_a_plan_or_says_none_was_found() {
             Err(e) => panic!("{backend}: {e}"),
         }
     }
+}
+
+/// For measuring by hand: `N=2000 MEM=1 BACKEND=cbc TL=60 cargo test --release -p autopar-solver
+/// --test ilp_large bench_chain -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_chain() {
+    let var = |k: &str| std::env::var(k).ok();
+    let n = var("N").and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let mut p = chain(n, 20, 1);
+    if var("MEM").is_none() {
+        p.memory_budget = None;
+    }
+    let backend = Backend::parse(&var("BACKEND").unwrap_or_else(|| "cbc".into())).unwrap();
+    let time_limit_s = Some(var("TL").and_then(|v| v.parse().ok()).unwrap_or(60.0));
+    report(&format!("chain {n}x8"), &p, &SolveOptions { backend, time_limit_s, ..SolveOptions::default() });
 }

@@ -100,7 +100,9 @@ fn close(a: f64, b: f64) -> bool {
 }
 
 fn against_brute_force(backend: Backend, cases: usize) {
-    let mut rng = Rng(0x5eed);
+    let seed = std::env::var("ILP_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed);
+    let cases = std::env::var("ILP_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(cases);
+    let mut rng = Rng(seed);
     let (mut feasible, mut infeasible) = (0, 0);
     let mut sources = std::collections::BTreeMap::new();
     for case in 0..cases {

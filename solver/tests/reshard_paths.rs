@@ -11,8 +11,18 @@ use autopar_solver::ShardingSpec;
 use expect_test::{expect, Expect};
 
 fn mesh(shape: &[usize]) -> Mesh {
-    let links = shape.iter().map(|_| Link { kind: LinkKind::IntraNode, alpha_s: 1e-6, bandwidth: 1e9 }).collect();
-    Mesh { shape: shape.to_vec(), links }
+    let links = shape
+        .iter()
+        .map(|_| Link {
+            kind: LinkKind::IntraNode,
+            alpha_s: 1e-6,
+            bandwidth: 1e9,
+        })
+        .collect();
+    Mesh {
+        shape: shape.to_vec(),
+        links,
+    }
 }
 
 fn spec(s: &str) -> ShardingSpec {
@@ -21,12 +31,14 @@ fn spec(s: &str) -> ShardingSpec {
 
 /// fp32 tensor of `shape`.
 fn check(mesh_shape: &[usize], shape: &[usize], from: &str, to: &str, want: Expect) {
-    let t = transition(&spec(from), &spec(to), shape, 4, &mesh(mesh_shape), 1.0).expect("transition");
+    let t =
+        transition(&spec(from), &spec(to), shape, 4, &mesh(mesh_shape), 1.0).expect("transition");
     want.assert_eq(&format!("{from} -> {to}\n{t}"));
 }
 
 fn error(mesh_shape: &[usize], shape: &[usize], from: &str, to: &str, want: Expect) {
-    let e = transition(&spec(from), &spec(to), shape, 4, &mesh(mesh_shape), 1.0).expect_err("error");
+    let e =
+        transition(&spec(from), &spec(to), shape, 4, &mesh(mesh_shape), 1.0).expect_err("error");
     want.assert_eq(&e.to_string());
 }
 
@@ -177,12 +189,33 @@ fn errors_name_what_is_wrong() {
         "RR+P1",
         expect!["cannot reshard S0R to RR+P1: RR+P1 is a pending partial sum over mesh axis 1 and S0R is not; communication cannot create a partial sum"],
     );
-    error(&[2, 4], &[12, 64], "S0", "RR", expect!["from spec S0 has 1 dims but the tensor has shape [12, 64]"]);
-    error(&[2, 4], &[12, 64], "S2R", "RR", expect!["from spec S2R uses mesh axis 2, but mesh 2x4 has 2 axes"]);
-    error(&[2, 4], &[12, 64], "S0S0", "RR", expect!["from spec S0S0 uses mesh axis 0 twice"]);
+    error(
+        &[2, 4],
+        &[12, 64],
+        "S0",
+        "RR",
+        expect!["from spec S0 has 1 dims but the tensor has shape [12, 64]"],
+    );
+    error(
+        &[2, 4],
+        &[12, 64],
+        "S2R",
+        "RR",
+        expect!["from spec S2R uses mesh axis 2, but mesh 2x4 has 2 axes"],
+    );
+    error(
+        &[2, 4],
+        &[12, 64],
+        "S0S0",
+        "RR",
+        expect!["from spec S0S0 uses mesh axis 0 twice"],
+    );
     let bad_eff = transition(&spec("R"), &spec("R"), &[4], 4, &mesh(&[2]), 0.0).expect_err("eff");
     expect!["communication efficiency 0 is not in (0, 1]"].assert_eq(&bad_eff.to_string());
-    let no_links = Mesh { shape: vec![2], links: vec![] };
+    let no_links = Mesh {
+        shape: vec![2],
+        links: vec![],
+    };
     let e = transition(&spec("R"), &spec("S0"), &[4], 4, &no_links, 1.0).expect_err("links");
     expect!["mesh 2: 0 links for 1 axes"].assert_eq(&e.to_string());
 }
@@ -194,13 +227,16 @@ fn the_memo_is_shared_across_threads() {
         for _ in 0..2 {
             s.spawn(|| {
                 for (a, b) in [("S0R", "RS0"), ("S01R", "RR"), ("RR+P0", "S0R")] {
-                    r.transition(&spec(a), &spec(b), &[8, 8], 4).expect("transition");
+                    r.transition(&spec(a), &spec(b), &[8, 8], 4)
+                        .expect("transition");
                 }
             });
         }
     });
     assert_eq!(r.cached(), 3);
-    let t = r.transition(&spec("S0R"), &spec("RS0"), &[8, 8], 4).expect("cached");
+    let t = r
+        .transition(&spec("S0R"), &spec("RS0"), &[8, 8], 4)
+        .expect("cached");
     assert_eq!(t.steps.len(), 1);
 }
 
@@ -243,5 +279,5 @@ fn four_d_tensor_on_a_three_d_mesh_is_fast() {
     }
     let per = start.elapsed().as_secs_f64() / f64::from(n);
     println!("{n} transitions, {:.1} us each", per * 1e6);
-    assert!(per < 5e-3, "{:.1} us per transition", per * 1e6);
+    assert!(per < 1e-3, "{:.1} us per transition", per * 1e6);
 }

@@ -15,13 +15,24 @@ fn mesh(shape: &[usize]) -> Mesh {
     let links = (0..shape.len())
         .map(|a| {
             if a % 2 == 0 {
-                Link { kind: LinkKind::InterNode, alpha_s: 10e-6, bandwidth: 50e9 }
+                Link {
+                    kind: LinkKind::InterNode,
+                    alpha_s: 10e-6,
+                    bandwidth: 50e9,
+                }
             } else {
-                Link { kind: LinkKind::IntraNode, alpha_s: 5e-6, bandwidth: 450e9 }
+                Link {
+                    kind: LinkKind::IntraNode,
+                    alpha_s: 5e-6,
+                    bandwidth: 450e9,
+                }
             }
         })
         .collect();
-    Mesh { shape: shape.to_vec(), links }
+    Mesh {
+        shape: shape.to_vec(),
+        links,
+    }
 }
 
 /// Per mesh axis: (owner choice, priority). Choice `< rank` = that dim, `rank` = partial,
@@ -29,7 +40,12 @@ fn mesh(shape: &[usize]) -> Mesh {
 /// be partial where `allowed_partial` forbids it, stays unused.
 type Raw = Vec<(usize, u8)>;
 
-fn build(raw: &Raw, shape: &[usize], mesh: &Mesh, allowed_partial: Option<&[usize]>) -> ShardingSpec {
+fn build(
+    raw: &Raw,
+    shape: &[usize],
+    mesh: &Mesh,
+    allowed_partial: Option<&[usize]>,
+) -> ShardingSpec {
     let rank = shape.len();
     let mut spec = ShardingSpec::replicated(rank);
     let mut order: Vec<usize> = (0..raw.len()).collect();
@@ -70,7 +86,11 @@ fn apply(op: &Collective, s: &ShardingSpec) -> Option<ShardingSpec> {
             let i = t.partial.iter().position(|&p| p == axis)?;
             t.partial.remove(i);
         }
-        Collective::AllToAll { from_dim, to_dim, axis } => {
+        Collective::AllToAll {
+            from_dim,
+            to_dim,
+            axis,
+        } => {
             if from_dim == to_dim || t.dims.get(from_dim)?.last() != Some(&axis) {
                 return None;
             }
@@ -101,7 +121,11 @@ fn check_path(t: &Transition, from: &ShardingSpec, to: &ShardingSpec, shape: &[u
         cur = next;
     }
     assert_eq!(&cur, to, "path ends at {cur}, not {to}");
-    assert!((total - t.cost_s).abs() <= 1e-12 * total.max(1e-9), "{total} vs {}", t.cost_s);
+    assert!(
+        (total - t.cost_s).abs() <= 1e-12 * total.max(1e-9),
+        "{total} vs {}",
+        t.cost_s
+    );
 }
 
 /// All-reduce every partial axis `to` drops, all-gather every split (minor first), slice into
@@ -131,6 +155,57 @@ fn naive_cost(from: &ShardingSpec, to: &ShardingSpec, shape: &[usize], m: &Mesh)
     cost
 }
 
+/// Plain Dijkstra over specs with the reference `apply`, every move of every kind, no pruning
+/// and no heuristic: the cost the search must match.
+fn reference_cost(from: &ShardingSpec, to: &ShardingSpec, shape: &[usize], m: &Mesh) -> f64 {
+    use std::collections::BTreeMap;
+    let rank = shape.len();
+    let k = m.ndim();
+    let mut dist: BTreeMap<ShardingSpec, f64> = BTreeMap::new();
+    let mut done: BTreeMap<ShardingSpec, ()> = BTreeMap::new();
+    dist.insert(from.clone(), 0.0);
+    loop {
+        let Some((s, d)) = dist
+            .iter()
+            .filter(|(s, _)| !done.contains_key(*s))
+            .min_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(s, d)| (s.clone(), *d))
+        else {
+            panic!("{to} unreachable from {from}");
+        };
+        if &s == to {
+            return d;
+        }
+        done.insert(s.clone(), ());
+        let mut ops = vec![];
+        for axis in 0..k {
+            ops.push(Collective::AllReduce { axis });
+            for dim in 0..rank {
+                ops.push(Collective::AllGather { dim, axis });
+                ops.push(Collective::ReduceScatter { dim, axis });
+                ops.push(Collective::Slice { dim, axis });
+                for to_dim in 0..rank {
+                    ops.push(Collective::AllToAll {
+                        from_dim: dim,
+                        to_dim,
+                        axis,
+                    });
+                }
+            }
+        }
+        for op in ops {
+            let Some(t) = apply(&op, &s) else { continue };
+            if !t.is_valid(shape, m) {
+                continue;
+            }
+            let nd = d + collective_cost(&op, &s, shape, ELEM, m, EFF).1;
+            if dist.get(&t).is_none_or(|&old| nd < old) {
+                dist.insert(t, nd);
+            }
+        }
+    }
+}
+
 fn case() -> impl Strategy<Value = (Vec<usize>, Vec<usize>, Raw, Raw, Raw)> {
     let sizes = prop::collection::vec(prop::sample::select(vec![1usize, 2, 4]), 1..=3);
     let dims = prop::collection::vec(prop::sample::select(vec![1usize, 2, 4, 6, 8, 12]), 1..=4);
@@ -152,6 +227,9 @@ proptest! {
         check_path(&t, &a, &b, &shape, &m);
         let naive = naive_cost(&a, &b, &shape, &m);
         prop_assert!(t.cost_s <= naive * (1.0 + 1e-12), "{a} -> {b}: {} > naive {naive}\n{t}", t.cost_s);
+
+        let exact = reference_cost(&a, &b, &shape, &m);
+        prop_assert!((t.cost_s - exact).abs() <= 1e-9 * exact, "{a} -> {b}: {} vs exact {exact}\n{t}", t.cost_s);
 
         let id = transition(&a, &a, &shape, ELEM, &m, EFF).expect("identity");
         prop_assert!(id.steps.is_empty() && id.cost_s == 0.0, "{a} -> {a}: {id}");

@@ -64,7 +64,7 @@ pub(crate) fn bn_axis_maps(
     batch_statistics: bool,
 ) -> (Vec<Axis>, Vec<Option<AxisId>>, Vec<Option<AxisId>>) {
     let other = if batch_statistics {
-        AxisKind::Whole
+        AxisKind::Statistics
     } else {
         AxisKind::Parallel
     };
@@ -459,10 +459,12 @@ mod tests {
         let outs = bn(true).infer(&ins).expect("infer");
         assert_eq!(outs.len(), 5);
         let refs: Vec<&TensorType> = outs.iter().collect();
-        assert_eq!(
-            bn(true).dims(&ins, &refs).to_einsum(),
-            "AbCD,b,b,b,b->AbCD,b,b,b,b"
-        );
+        let dims = bn(true).dims(&ins, &refs);
+        // batch and spatial axes are split with synced statistics (printed like parallel ones)
+        assert_eq!(dims.to_einsum(), "abcd,b,b,b,b->abcd,b,b,b,b");
+        let kinds: Vec<AxisKind> = dims.axes.iter().map(|a| a.kind).collect();
+        use AxisKind::{Parallel, Statistics};
+        assert_eq!(kinds, vec![Statistics, Parallel, Statistics, Statistics]);
         let outs = bn(false).infer(&ins).expect("infer");
         assert_eq!(
             bn(false).dims(&ins, &[&outs[0]]).to_einsum(),

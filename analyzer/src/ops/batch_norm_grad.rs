@@ -140,7 +140,7 @@ mod tests {
         let orefs: Vec<&TensorType> = o.iter().collect();
         assert_eq!(
             BatchNormGrad {}.dims(&ins, &orefs).to_einsum(),
-            "AbC,AbC,b,b,b->AbC,b,b"
+            "abc,abc,b,b,b->abc,b,b"
         );
         // values against finite differences: batch_norm's gradcheck
     }

@@ -39,6 +39,11 @@ pub enum AxisKind {
     /// Must stay whole on each device (softmax's axis, a normalised axis, the inner dim of a
     /// reshape merge, a gather's table axis).
     Whole,
+    /// Splittable like `Parallel`, but the op reduces small statistics over it (training-mode
+    /// BatchNorm's batch and spatial axes): when split, the devices all-reduce the statistics,
+    /// shaped like the op's rank-1 operands, forward and backward (SyncBatchNorm), so the
+    /// result equals the single-device one.
+    Statistics,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,7 +160,8 @@ impl DimMap {
     }
 
     /// The map in einsum notation: parallel axes lower-case, contracted ones too (they are
-    /// missing from the outputs), whole axes upper-case, untied dims `_`.
+    /// missing from the outputs), statistics axes too (check `axes[i].kind`), whole axes
+    /// upper-case, untied dims `_`.
     pub fn to_einsum(&self) -> String {
         let letter = |a: Option<AxisId>| match a {
             None => '_',
