@@ -6,6 +6,7 @@
 //! training step), and [`plan_model`] (the sharding plan on a device mesh, see [`planner`]).
 //! See ARCHITECTURE.md for the stages that follow (generator, runtime).
 
+pub mod bench;
 pub mod planner;
 
 pub use autopar_analyzer as analyzer;

@@ -24,6 +24,31 @@ enum Command {
     Inspect(InspectArgs),
     /// Find how to shard the training step of a model over a device mesh.
     Plan(PlanArgs),
+    /// Benchmarks that write reports.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Planning speed and plan quality on the built-in models (Markdown report + SVG plot).
+    Solver(BenchSolverArgs),
+}
+
+#[derive(Args)]
+struct BenchSolverArgs {
+    /// Write the Markdown report here (and the plot next to it, as .svg); default: stdout.
+    #[arg(short = 'o', long = "output")]
+    output: Option<std::path::PathBuf>,
+    /// Cluster preset or JSON file.
+    #[arg(long, default_value = "h100")]
+    cluster: String,
+    /// Also solve without layer sharing, with this ILP time limit in seconds (0: skip).
+    #[arg(long = "unshared-time-limit", default_value_t = 60.0)]
+    unshared_time_limit: f64,
+    /// Only the cases whose model name contains this text.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 #[derive(Args)]
@@ -233,21 +258,180 @@ fn group_digits(n: usize) -> String {
     out
 }
 
-fn inspect(a: &InspectArgs) -> Result<()> {
-    let opts = load_options(&a.model)?;
-    let mut progress = Progress::new();
-    let model = progress.phase("loading model", || {
-        autopar::load_model(&a.model.model, &opts)
-    })?;
-    let policy = match a.dtype {
+fn policy_of(d: DTypeArg) -> DTypePolicy {
+    match d {
         DTypeArg::Fp32 => DTypePolicy::Fp32,
         DTypeArg::Bf16 => DTypePolicy::Bf16Mixed,
-    };
-    let optimizer = match a.optimizer {
+    }
+}
+
+fn optimizer_of(o: OptimizerArg) -> Optimizer {
+    match o {
         OptimizerArg::Adamw => Optimizer::AdamW,
         OptimizerArg::Sgd => Optimizer::Sgd { momentum: false },
         OptimizerArg::SgdMomentum => Optimizer::Sgd { momentum: true },
-    };
+    }
+}
+
+/// Builds the planner options from the CLI flags.
+fn plan_options(a: &PlanArgs) -> Result<autopar::planner::PlanOptions> {
+    use autopar::planner::{Family, PlanOptions};
+    use autopar::solver::cluster::Cluster;
+    use autopar::solver::ilp::Backend;
+    use autopar::solver::mesh::Mesh;
+    let mesh = Mesh::parse_shape(&a.mesh)?;
+    let cluster = Cluster::load(&a.cluster)?;
+    let mut po = PlanOptions::new(mesh, cluster);
+    po.gpus_per_node = a.gpus_per_node;
+    po.memory_budget = a.memory.as_deref().map(autopar::parse_bytes).transpose().map_err(anyhow::Error::msg)?;
+    po.family = a.strategy.parse::<Family>().map_err(anyhow::Error::msg)?;
+    po.backend = Backend::parse(&a.solver)?;
+    if let Some(t) = a.time_limit {
+        anyhow::ensure!(t > 0.0 && t.is_finite(), "--time-limit {t}: must be a positive number of seconds");
+    }
+    po.time_limit_s = a.time_limit;
+    po.share_layers = !a.no_share_layers;
+    po.policy = policy_of(a.dtype);
+    po.optimizer = optimizer_of(a.optimizer);
+    Ok(po)
+}
+
+fn plan(a: &PlanArgs) -> Result<()> {
+    let opts = load_options(&a.model)?;
+    let po = plan_options(a)?;
+    let mut progress = Progress::new();
+    let model = progress.phase("loading model", || autopar::load_model(&a.model.model, &opts))?;
+    let plan = progress.phase("planning", || autopar::plan_model(&model, &opts, &po))?;
+    if let Some(path) = &a.output {
+        let text = serde_json::to_string_pretty(&plan)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let r = &plan.solver;
+    if a.json {
+        let json = serde_json::json!({
+            "model": plan.model,
+            "mesh": plan.mesh.name(),
+            "cluster": plan.cluster.name,
+            "strategy": plan.family,
+            "objective_s": r.objective_s,
+            "lower_bound_s": r.lower_bound_s,
+            "gap": r.gap,
+            "status": r.status,
+            "step_s": plan.predicted.step_s,
+            "compute_s": plan.predicted.compute_s,
+            "communication_s": plan.predicted.communication_s,
+            "peak_memory_bytes": plan.predicted.peak_memory_bytes,
+            "memory_budget_bytes": plan.memory_budget_bytes,
+            "nodes": r.graph_nodes,
+            "problem_nodes": r.problem_nodes,
+            "problem_edges": r.problem_edges,
+            "strategies": r.strategies,
+            "memory_rows": r.memory_rows,
+            "ilp_variables": r.ilp_variables,
+            "ilp_constraints": r.ilp_constraints,
+            "shared_layers": r.shared_layers,
+            "strategies_s": r.strategies_s,
+            "build_s": r.build_s,
+            "solve_s": r.solve_s,
+            "total_s": r.total_s,
+            "collectives": plan.collectives.len(),
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!("{} on mesh {} ({}), strategy {}", plan.model, plan.mesh.name(), plan.cluster.name, plan.family);
+    println!();
+    let roots: Vec<_> = plan.nodes.iter().filter(|n| n.follows.is_none()).collect();
+    let width = roots.iter().map(|n| n.name.len()).max().unwrap_or(4).clamp(4, 48);
+    println!("{:<width$}  {:<26} strategy", "node", "op");
+    for n in roots {
+        let name = if n.name.is_empty() { format!("n{}", n.node) } else { n.name.clone() };
+        println!("{name:<width$}  {:<26} {}", n.op, n.notation);
+    }
+    println!();
+    println!("parameters (storage):");
+    let mut by_spec: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+    for t in plan.tensors.iter().filter(|t| matches!(t.role, autopar::solver::plan::TensorRole::Param)) {
+        let e = by_spec.entry(t.spec.to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.bytes_per_device;
+    }
+    for (spec, (count, bytes)) in by_spec {
+        println!("  {spec:<10} {count:>5} tensors, {} per device (weights, grads, optimizer)", human_bytes(bytes));
+    }
+    println!();
+    println!("collectives:");
+    let mut by_op: std::collections::BTreeMap<(String, String), (usize, f64, f64)> = Default::default();
+    for c in &plan.collectives {
+        let kind = c.op.split('(').next().unwrap_or(&c.op).to_string();
+        let e = by_op.entry((format!("{:?}", c.phase).to_lowercase(), kind)).or_default();
+        e.0 += 1;
+        e.1 += c.bytes;
+        e.2 += c.time_s;
+    }
+    if by_op.is_empty() {
+        println!("  none");
+    }
+    for ((phase, kind), (count, bytes, t)) in by_op {
+        println!("  {phase:<9} {kind:<16} {count:>6} x, {} moved, {:.3} ms", human_bytes(bytes), t * 1e3);
+    }
+    println!();
+    println!(
+        "predicted step        {:.3} ms (compute {:.3} ms, communication {:.3} ms)",
+        plan.predicted.step_s * 1e3,
+        plan.predicted.compute_s * 1e3,
+        plan.predicted.communication_s * 1e3
+    );
+    println!("peak memory / device  {}", human_bytes(plan.predicted.peak_memory_bytes));
+    println!(
+        "solver                {} {}, objective {:.6} s, lower bound {:.6} s, gap {:.3} %",
+        r.backend,
+        r.status,
+        r.objective_s,
+        r.lower_bound_s,
+        r.gap * 100.0
+    );
+    println!(
+        "problem               {} graph nodes -> {} decisions, {} edges, {} strategies, {} ILP variables",
+        r.graph_nodes, r.problem_nodes, r.problem_edges, r.strategies, r.ilp_variables
+    );
+    println!(
+        "time                  strategies {:.3} s, ILP build {:.3} s, solve {:.3} s, total {:.3} s",
+        r.strategies_s, r.build_s, r.solve_s, r.total_s
+    );
+    Ok(())
+}
+
+fn bench_solver(a: &BenchSolverArgs) -> Result<()> {
+    let cluster = autopar::solver::cluster::Cluster::load(&a.cluster)?;
+    let unshared = (a.unshared_time_limit > 0.0).then_some(a.unshared_time_limit);
+    let mut rows = vec![];
+    for case in autopar::bench::CASES.iter().filter(|c| a.only.as_deref().is_none_or(|o| c.model.contains(o))) {
+        eprintln!("{} on {:?}...", case.model, case.mesh);
+        rows.push(autopar::bench::run_case(case, &cluster, unshared)?);
+    }
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let mut md = autopar::bench::report(&rows, &cluster, &command);
+    match &a.output {
+        Some(path) => {
+            let svg_path = path.with_extension("svg");
+            let name = svg_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            md.push_str(&format!("\n![ILP time against graph size]({name})\n"));
+            std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&svg_path, autopar::bench::svg(&rows)).with_context(|| format!("writing {}", svg_path.display()))?;
+            eprintln!("wrote {} and {}", path.display(), svg_path.display());
+        }
+        None => print!("{md}"),
+    }
+    Ok(())
+}
+
+fn inspect(a: &InspectArgs) -> Result<()> {
+    let opts = load_options(&a.model)?;
+    let mut progress = Progress::new();
+    let model = progress.phase("loading model", || autopar::load_model(&a.model.model, &opts))?;
+    let policy = policy_of(a.dtype);
+    let optimizer = optimizer_of(a.optimizer);
     let report = progress.phase("building and profiling the training step", || {
         autopar::inspect(&model, &opts, optimizer, policy)
     })?;
@@ -334,6 +518,7 @@ fn main() {
     let r = match &cli.command {
         Command::Inspect(a) => inspect(a),
         Command::Plan(a) => plan(a),
+        Command::Bench(BenchCommand::Solver(a)) => bench_solver(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

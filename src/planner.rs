@@ -19,6 +19,10 @@
 //!    to the producer's layout; for a sharded parameter, its all-gather once more in the
 //!    backward (FSDP frees gathered parameters after the forward). All priced by the one
 //!    resharding function, `Resharder::transition`.
+//!    Parameter traffic (FSDP all-gathers, gradient all-reduce / reduce-scatter) runs on its
+//!    own stream, overlapped with compute as DDP and FSDP2 do: the problem marks it hideable
+//!    and the compute as cover, so only what exceeds the compute is exposed. Activation
+//!    collectives (tensor / sequence parallel) stay on the critical path.
 //! 5. **Memory rows** at the liveness points where the single-device step holds the most
 //!    bytes: every value live there costs its per-device size under the chosen layouts, plus
 //!    parameters, gradients and optimizer state in their storage layouts.
@@ -37,7 +41,7 @@ use autopar_solver::mesh::Mesh;
 use autopar_solver::plan::{
     Phase as PlanPhase, Plan, PlanCollective, PlanNode, PlanTensor, Prediction, SolverReport, TensorRole, PLAN_SCHEMA_VERSION,
 };
-use autopar_solver::problem::{MemoryRow, Problem, ProblemEdge, ProblemNode, Solution};
+use autopar_solver::problem::{MemoryRow, Overlap, Problem, ProblemEdge, ProblemNode, Solution};
 use autopar_solver::reshard::Resharder;
 use autopar_solver::spec::ShardingSpec;
 use autopar_solver::strategy::{self, AxisKind, OpAxes, Strategy};
@@ -536,7 +540,7 @@ pub fn plan(model: &str, tg: &TrainingGraph, profile: &Profile, opts: &PlanOptio
     let result = match ilp::solve(&problem.problem, &solve_opts) {
         Ok(r) => r,
         Err(ilp::SolveError::Infeasible { .. }) => {
-            let min = ilp::min_peak_memory(&problem.problem, &solve_opts).map_err(|e| Error::Usage(e.to_string()))?;
+            let min = autopar_solver::min_memory::min_peak_memory(&problem.problem).map_err(Error::Usage)?;
             return Err(Error::Usage(format!(
                 "no {} plan of {model} on mesh {} fits {:.2} GiB per device: the smallest per-device memory any such plan needs is {:.2} GiB",
                 opts.family.name(),
@@ -723,6 +727,7 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
         }
     }
     let mut problem_edges = vec![];
+    let mut edge_hideable: Vec<Vec<Vec<f64>>> = vec![];
     for key in &order {
         let count = edges[key] as f64;
         let (src_class, src_reps) = classes(&key.src_specs);
@@ -736,7 +741,8 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
                     t += fwd_t; // FSDP gathers the parameter again for the backward
                 }
                 if key.grad {
-                    t += b.resharder.transition(grad_in, from, &key.shape, key.elem_bytes).map_err(reshard_err)?.cost_s;
+                    let back = b.resharder.transition(grad_in, from, &key.shape, key.elem_bytes).map_err(reshard_err)?;
+                    t += if key.param { bucketed(&back, &b.mesh) } else { back.cost_s };
                 }
                 cost[a][c] = t * count;
             }
@@ -748,14 +754,44 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
             for (s, row) in diag.iter_mut().enumerate() {
                 row[s] = cost[src_class[s]][dst_class[s]];
             }
+            // parameter traffic overlaps compute (prefetched gathers, bucketed gradient sync)
+            edge_hideable.push(if key.param { diag.clone() } else { vec![vec![0.0; n]; n] });
             problem_edges.push(ProblemEdge { src: key.src, dst: key.dst, src_class: (0..n).collect(), dst_class: (0..n).collect(), cost: diag });
         } else {
+            edge_hideable.push(if key.param { cost.clone() } else { vec![vec![0.0; cost.first().map_or(0, |r| r.len())]; cost.len()] });
             problem_edges.push(ProblemEdge { src: key.src, dst: key.dst, src_class, dst_class, cost });
         }
     }
+    let overlap = Overlap {
+        node_hideable: nodes.iter().map(|n| vec![0.0; n.costs.len()]).collect(),
+        edge_hideable,
+        node_cover: b
+            .decisions
+            .iter()
+            .enumerate()
+            .map(|(k, d)| match d {
+                Decision::Op { .. } => compute[k].clone(),
+                Decision::Tensor { .. } => vec![0.0; d.len()],
+            })
+            .collect(),
+    };
 
     let (memory_rows, budget) = memory_rows(b);
-    Ok(Built { problem: Problem { nodes, edges: problem_edges, memory_budget: budget, memory_rows }, compute })
+    Ok(Built { problem: Problem { nodes, edges: problem_edges, memory_budget: budget, memory_rows, overlap: Some(overlap) }, compute })
+}
+
+/// Gradients of parameters are synchronised in buckets (DDP and FSDP put ~25 MiB of gradients
+/// in one collective), so a gradient's collective pays only its share of the latency.
+pub const GRADIENT_BUCKET_BYTES: f64 = 25.0 * 1024.0 * 1024.0;
+
+fn bucketed(t: &autopar_solver::reshard::Transition, mesh: &Mesh) -> f64 {
+    t.steps
+        .iter()
+        .map(|st| {
+            let alpha = autopar_solver::reshard::latency_part(&st.op, mesh);
+            st.cost_s - alpha + alpha * (st.bytes / GRADIENT_BUCKET_BYTES).min(1.0)
+        })
+        .sum()
 }
 
 /// Distinct items and each item's class index.
@@ -1043,7 +1079,13 @@ fn read_plan(b: &Builder, built: &Built, sol: &Solution, model: &str) -> Result<
         nodes,
         tensors,
         collectives,
-        predicted: Prediction { step_s: ev.objective, compute_s, communication_s: ev.objective - compute_s, peak_memory_bytes: ev.peak_memory },
+        predicted: Prediction {
+            step_s: ev.objective,
+            compute_s,
+            communication_s: ev.objective - compute_s,
+            overlapped_s: ev.hidden,
+            peak_memory_bytes: ev.peak_memory,
+        },
         solver: SolverReport::default(),
     })
 }

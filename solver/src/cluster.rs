@@ -14,10 +14,11 @@
 //!   bandwidth is one direction, so the presets use half (450 GB/s). The network is one NIC per
 //!   GPU (ConnectX-7 400 Gb/s = 50 GB/s on H100/H200, HDR 200 Gb/s = 25 GB/s on A100).
 //! - Latencies and efficiency factors are *estimates*, not data-sheet numbers (`source` says
-//!   so). Latency is per ring step: NCCL's own tuning model (`src/graph/tuning.cc`) charges
-//!   3.4 us per ring/Simple step on NVLink and 9.6 us on the network, plus an 8.4 us base per
-//!   call; spreading the base over the steps of an 8-GPU ring gives about 5 us intra-node and
-//!   10 us inter-node. Efficiencies: large bf16 GEMMs reach about 70% of dense peak with cuBLAS
+//!   so). Latency is per ring step, and only matters for small messages, for which NCCL
+//!   picks its LL protocol: its tuning model (`src/graph/tuning.cc`) charges about 0.6 us per
+//!   LL step on NVLink and 5 us on the network, plus a 6.8 us base per call; spreading the
+//!   base over the 14 steps of an 8-GPU ring all-reduce gives about 1.1 us intra-node and
+//!   5.5 us inter-node. Efficiencies: large bf16 GEMMs reach about 70% of dense peak with cuBLAS
 //!   (matmul 0.7); elementwise and reduction kernels are memory-bound and rarely near peak
 //!   arithmetic (vector 0.5); streaming kernels reach about 80% of HBM bandwidth (memory 0.8);
 //!   nccl-tests bus bandwidth on NVLink and InfiniBand is about 80% of the link rate
@@ -83,13 +84,13 @@ pub enum ClusterError {
 }
 
 /// Estimated, shared by every preset (see the module doc for the reasoning).
-const INTRA_NODE_LATENCY_S: f64 = 5e-6;
-const INTER_NODE_LATENCY_S: f64 = 10e-6;
+const INTRA_NODE_LATENCY_S: f64 = 1.1e-6;
+const INTER_NODE_LATENCY_S: f64 = 5.5e-6;
 const MATMUL_EFFICIENCY: f64 = 0.7;
 const VECTOR_EFFICIENCY: f64 = 0.5;
 const MEMORY_EFFICIENCY: f64 = 0.8;
 const COMM_EFFICIENCY: f64 = 0.8;
-const ESTIMATES: &str = "latencies (5 us intra-node, 10 us inter-node per ring step) and \
+const ESTIMATES: &str = "latencies (1.1 us intra-node, 5.5 us inter-node per ring step, NCCL LL) and \
      efficiencies (matmul 0.7, vector 0.5, memory 0.8, comm 0.8) are estimates";
 
 impl Cluster {

@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod ilp;
 pub mod mesh;
+pub mod min_memory;
 pub mod plan;
 pub mod problem;
 pub mod reshard;

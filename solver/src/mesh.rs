@@ -76,13 +76,13 @@ impl Mesh {
         let mut links = vec![];
         let mut crossed = false;
         for &n in shape.iter().rev() {
-            let kind = if !crossed && inner * n <= gpn && gpn % (inner * n) == 0 {
+            let kind = if !crossed && inner * n <= gpn {
+                // fits in one node (a mesh may use fewer GPUs than a node has)
                 inner *= n;
                 LinkKind::IntraNode
             } else {
-                // an axis that crosses nodes must span whole nodes: its stride is a multiple
-                // of the node size, or it straddles nodes irregularly
-                if !crossed && inner < gpn && n > 1 && (inner * n) % gpn != 0 {
+                // an axis that crosses nodes must span whole nodes
+                if !crossed && n > 1 && (inner * n) % gpn != 0 {
                     return Err(MeshError::Hierarchy { mesh: name.clone(), devices: shape.iter().product(), gpus_per_node: gpn });
                 }
                 crossed = crossed || n > 1;

@@ -96,10 +96,13 @@ pub struct PlanCollective {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
-    /// compute + communication, no overlap assumed.
+    /// Compute plus the communication not hidden behind it.
     pub step_s: f64,
     pub compute_s: f64,
+    /// Exposed communication (`step_s - compute_s`).
     pub communication_s: f64,
+    /// Parameter communication hidden behind compute.
+    pub overlapped_s: f64,
     /// Largest per-device memory over the liveness points the solver checked.
     pub peak_memory_bytes: f64,
 }

@@ -10,8 +10,15 @@
 //! ends rather than over their strategies. An edge may join a node to itself (`src == dst`,
 //! a repeated block whose output feeds its next copy): then both ends take the same strategy.
 //!
-//! Objective (seconds): `sum_n w_n * cost_n[s_n] + sum_e w_e * cost_e[cls_src(s_src)][cls_dst(s_dst)]`.
+//! Objective (seconds): `sum_n cost_n[s_n] + sum_e cost_e[cls_src(s_src)][cls_dst(s_dst)] - hidden`.
 //! Memory row r: `const_r + sum_(n, bytes) in terms_r bytes[s_n] <= budget`.
+//!
+//! **Overlap.** Some communication runs on its own stream while the devices compute (DDP's
+//! bucketed gradient all-reduce, FSDP's prefetched all-gathers and gradient reduce-scatters).
+//! [`Overlap`] marks, inside the node and edge costs, the seconds that may be hidden (`H`) and
+//! the compute seconds that can hide them (`C`); then `hidden = min(H, C)`: only the part of
+//! that communication longer than the compute is exposed. In an ILP this is one continuous
+//! variable `E >= H - C, E >= 0` with `sum costs - H + E` as the objective.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +29,19 @@ pub struct Problem {
     /// Per-device memory limit in bytes for the memory rows; `None`: unconstrained.
     pub memory_budget: Option<f64>,
     pub memory_rows: Vec<MemoryRow>,
+    /// Communication that overlaps computation; `None`: everything adds up.
+    pub overlap: Option<Overlap>,
+}
+
+/// Which seconds of the costs can overlap (see the module doc).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Overlap {
+    /// Per node and strategy: seconds of its cost that may be hidden.
+    pub node_hideable: Vec<Vec<f64>>,
+    /// Per edge, like its `cost` matrix: seconds of the cost that may be hidden.
+    pub edge_hideable: Vec<Vec<Vec<f64>>>,
+    /// Per node and strategy: compute seconds during which hideable communication can run.
+    pub node_cover: Vec<Vec<f64>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -69,6 +89,8 @@ pub struct Evaluation {
     pub node_cost: f64,
     /// The edge part of the objective.
     pub edge_cost: f64,
+    /// Seconds of communication hidden behind compute (subtracted from the sum).
+    pub hidden: f64,
     /// The largest memory row, bytes (0 without rows).
     pub peak_memory: f64,
     /// Every broken rule, in words; empty for a feasible solution.
@@ -103,6 +125,18 @@ impl Problem {
                 return Err(format!("edge {k} ({:?} -> {:?}) has a bad cost matrix", s.name, d.name));
             }
         }
+        if let Some(o) = &self.overlap {
+            let bad = o.node_hideable.len() != self.nodes.len()
+                || o.node_cover.len() != self.nodes.len()
+                || o.edge_hideable.len() != self.edges.len()
+                || self.nodes.iter().enumerate().any(|(i, n)| o.node_hideable[i].len() != n.costs.len() || o.node_cover[i].len() != n.costs.len())
+                || self.edges.iter().enumerate().any(|(k, e)| {
+                    o.edge_hideable[k].len() != e.cost.len() || o.edge_hideable[k].iter().zip(&e.cost).any(|(h, c)| h.len() != c.len())
+                });
+            if bad {
+                return Err("overlap tables do not match the nodes and edges".into());
+            }
+        }
         for r in &self.memory_rows {
             for (n, bytes) in &r.terms {
                 if self.nodes.get(*n).is_none_or(|node| node.costs.len() != bytes.len()) {
@@ -124,7 +158,7 @@ pub fn evaluate(p: &Problem, sol: &Solution) -> Evaluation {
     let mut violations = vec![];
     if sol.choice.len() != p.nodes.len() {
         violations.push(format!("solution has {} choices for {} nodes", sol.choice.len(), p.nodes.len()));
-        return Evaluation { objective: f64::INFINITY, node_cost: f64::INFINITY, edge_cost: 0.0, peak_memory: 0.0, violations };
+        return Evaluation { objective: f64::INFINITY, node_cost: f64::INFINITY, edge_cost: 0.0, hidden: 0.0, peak_memory: 0.0, violations };
     }
     let mut node_cost = 0.0;
     for (i, (n, &s)) in p.nodes.iter().zip(&sol.choice).enumerate() {
@@ -134,9 +168,22 @@ pub fn evaluate(p: &Problem, sol: &Solution) -> Evaluation {
         }
     }
     if !violations.is_empty() {
-        return Evaluation { objective: f64::INFINITY, node_cost, edge_cost: 0.0, peak_memory: 0.0, violations };
+        return Evaluation { objective: f64::INFINITY, node_cost, edge_cost: 0.0, hidden: 0.0, peak_memory: 0.0, violations };
     }
     let edge_cost: f64 = p.edges.iter().map(|e| p.edge_cost(e, sol.choice[e.src], sol.choice[e.dst])).sum();
+    let hidden = match &p.overlap {
+        None => 0.0,
+        Some(o) => {
+            let h: f64 = o.node_hideable.iter().zip(&sol.choice).map(|(h, &s)| h[s]).sum::<f64>()
+                + p.edges
+                    .iter()
+                    .zip(&o.edge_hideable)
+                    .map(|(e, h)| h[e.src_class[sol.choice[e.src]]][e.dst_class[sol.choice[e.dst]]])
+                    .sum::<f64>();
+            let c: f64 = o.node_cover.iter().zip(&sol.choice).map(|(c, &s)| c[s]).sum();
+            h.min(c).max(0.0)
+        }
+    };
     let mut peak_memory: f64 = 0.0;
     for r in &p.memory_rows {
         let bytes = r.constant + r.terms.iter().map(|(n, b)| b[sol.choice[*n]]).sum::<f64>();
@@ -147,7 +194,7 @@ pub fn evaluate(p: &Problem, sol: &Solution) -> Evaluation {
             }
         }
     }
-    Evaluation { objective: node_cost + edge_cost, node_cost, edge_cost, peak_memory, violations }
+    Evaluation { objective: node_cost + edge_cost - hidden, node_cost, edge_cost, hidden, peak_memory, violations }
 }
 
 /// The optimum by enumeration, for tests on small problems (panics past 10^6 combinations).

@@ -256,6 +256,24 @@ fn price(op: &Collective, n: usize, link: Option<&Link>, eff: f64, local_bytes: 
     )
 }
 
+/// The latency (alpha) part of `op`'s seconds on `mesh`: what batching several tensors into
+/// one collective (gradient buckets) shares among them.
+pub fn latency_part(op: &Collective, mesh: &Mesh) -> f64 {
+    let (Some(&n), Some(link)) = (mesh.shape.get(op.axis()), mesh.links.get(op.axis())) else {
+        return 0.0;
+    };
+    let rounds = match op {
+        Collective::Slice { .. } => return 0.0,
+        Collective::AllReduce { .. } => 2.0,
+        _ => 1.0,
+    };
+    if n <= 1 {
+        0.0
+    } else {
+        rounds * (n as f64 - 1.0) * link.alpha_s
+    }
+}
+
 /// Payload bytes and seconds of `op` applied to a tensor of `shape` laid out as
 /// `spec_before` (module doc for the formulas). `spec_before` should be valid for `shape` and
 /// `mesh`, as [`transition`] checks; an axis outside the mesh or without a link prices at

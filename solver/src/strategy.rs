@@ -7,7 +7,7 @@
 //! assignment follow the input specs (each tensor dim takes the mesh axes of its op axis), the
 //! output specs, and the work each device does (1 / the product of the assigned sizes).
 //!
-//! A split `Contracted` axis leaves the outputs as partial sums. Each strategy resolves them
+//! A split `Contracted` axis leaves the outputs that do not carry it as partial sums. Each strategy resolves them
 //! itself, by the collective the split implies: all-reduce (the output replicated over that
 //! mesh axis) or reduce-scatter onto any output dim that axis can still split. So data
 //! parallel, Megatron column / row parallel, sequence parallel (row-parallel + reduce-scatter)
@@ -132,14 +132,16 @@ pub fn enumerate(op: &OpAxes, output_shapes: &[Vec<usize>], mesh: &Mesh) -> Vec<
     let mut out = vec![];
     for asg in assignments {
         let inputs: Vec<ShardingSpec> = op.inputs.iter().map(|d| spec_for(d, &asg)).collect();
-        let partial: Vec<MeshAxis> =
-            (0..asg.len()).filter(|&m| asg[m].is_some_and(|a| op.axes[a].1 == AxisKind::Contracted)).collect();
+        // an output is a partial sum over the contracted axes it does not carry (an output
+        // may keep an axis another output sums away, e.g. cross entropy's log-probabilities)
         let raw_outputs: Vec<ShardingSpec> = op
             .outputs
             .iter()
             .map(|d| {
                 let mut s = spec_for(d, &asg);
-                s.partial = partial.clone();
+                s.partial = (0..asg.len())
+                    .filter(|&m| asg[m].is_some_and(|a| op.axes[a].1 == AxisKind::Contracted && !d.contains(&Some(a))))
+                    .collect();
                 s
             })
             .collect();
