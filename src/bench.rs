@@ -20,16 +20,56 @@ pub struct Case {
 
 /// The default cases: the issue's targets and the sizes around them.
 pub const CASES: &[Case] = &[
-    Case { model: "gpt2", sets: &[("batch", "8"), ("seq", "1024")], mesh: &[2, 2] },
-    Case { model: "gpt2", sets: &[("batch", "8"), ("seq", "1024")], mesh: &[2, 4] },
-    Case { model: "gpt2-medium", sets: &[("batch", "8"), ("seq", "1024")], mesh: &[2, 4] },
-    Case { model: "bert-base", sets: &[], mesh: &[2, 2] },
-    Case { model: "vit-b16", sets: &[], mesh: &[4] },
-    Case { model: "resnet50", sets: &[], mesh: &[8] },
-    Case { model: "llama-1b", sets: &[("batch", "8"), ("seq", "2048")], mesh: &[2, 4] },
-    Case { model: "llama-8b", sets: &[("batch", "8"), ("seq", "2048")], mesh: &[2, 4] },
-    Case { model: "llama-8b", sets: &[("batch", "8"), ("seq", "2048")], mesh: &[2, 2, 2] },
-    Case { model: "llama-8b", sets: &[("batch", "8"), ("seq", "2048")], mesh: &[8, 8] },
+    Case {
+        model: "gpt2",
+        sets: &[("batch", "8"), ("seq", "1024")],
+        mesh: &[2, 2],
+    },
+    Case {
+        model: "gpt2",
+        sets: &[("batch", "8"), ("seq", "1024")],
+        mesh: &[2, 4],
+    },
+    Case {
+        model: "gpt2-medium",
+        sets: &[("batch", "8"), ("seq", "1024")],
+        mesh: &[2, 4],
+    },
+    Case {
+        model: "bert-base",
+        sets: &[],
+        mesh: &[2, 2],
+    },
+    Case {
+        model: "vit-b16",
+        sets: &[],
+        mesh: &[4],
+    },
+    Case {
+        model: "resnet50",
+        sets: &[],
+        mesh: &[8],
+    },
+    Case {
+        model: "llama-1b",
+        sets: &[("batch", "8"), ("seq", "2048")],
+        mesh: &[2, 4],
+    },
+    Case {
+        model: "llama-8b",
+        sets: &[("batch", "8"), ("seq", "2048")],
+        mesh: &[2, 4],
+    },
+    Case {
+        model: "llama-8b",
+        sets: &[("batch", "8"), ("seq", "2048")],
+        mesh: &[2, 2, 2],
+    },
+    Case {
+        model: "llama-8b",
+        sets: &[("batch", "8"), ("seq", "2048")],
+        mesh: &[8, 8],
+    },
 ];
 
 /// Measured results of one case.
@@ -46,12 +86,19 @@ pub struct Row {
 }
 
 fn mesh_name(m: &[usize]) -> String {
-    m.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("x")
+    m.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join("x")
 }
 
 /// Runs one case. `unshared_limit_s`: time limit of the ILP without layer sharing (skipped
 /// when `None`).
-pub fn run_case(case: &Case, cluster: &Cluster, unshared_limit_s: Option<f64>) -> Result<Row, crate::Error> {
+pub fn run_case(
+    case: &Case,
+    cluster: &Cluster,
+    unshared_limit_s: Option<f64>,
+) -> Result<Row, crate::Error> {
     let mut opts = LoadOptions::default();
     for (k, v) in case.sets {
         opts.overrides.set(k, v)?;
@@ -76,10 +123,21 @@ pub fn run_case(case: &Case, cluster: &Cluster, unshared_limit_s: Option<f64>) -
         .map(|f| {
             let mut p = po.clone();
             p.family = f;
-            (f, crate::planner::plan(case.model, &tg, &profile, &p).map_err(|e| e.to_string()))
+            (
+                f,
+                crate::planner::plan(case.model, &tg, &profile, &p).map_err(|e| e.to_string()),
+            )
         })
         .collect();
-    Ok(Row { case: case.clone(), graph_nodes: tg.graph.nodes.len(), load_s, auto, end_to_end_s, unshared, families })
+    Ok(Row {
+        case: case.clone(),
+        graph_nodes: tg.graph.nodes.len(),
+        load_s,
+        auto,
+        end_to_end_s,
+        unshared,
+        families,
+    })
 }
 
 fn ms(s: f64) -> String {
@@ -94,7 +152,11 @@ fn ms(s: f64) -> String {
 pub fn report(rows: &[Row], cluster: &Cluster, command: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# autopar solver benchmark\n");
-    let _ = writeln!(s, "Command: `{command}`. Cluster preset `{}` ({}), bf16 mixed precision, AdamW.", cluster.name, cluster.source);
+    let _ = writeln!(
+        s,
+        "Command: `{command}`. Cluster preset `{}` ({}), bf16 mixed precision, AdamW.",
+        cluster.name, cluster.source
+    );
     let _ = writeln!(
         s,
         "Machine: {} logical CPUs. Times are wall-clock seconds of this run; step times are the cost model's predictions.\n",
@@ -126,21 +188,42 @@ pub fn report(rows: &[Row], cluster: &Cluster, command: &str) -> String {
                 );
             }
             Err(e) => {
-                let _ = writeln!(s, "| {} | {} | {} | - | - | - | {} | - | - | - | - | failed: {e} | - |", r.case.model, mesh_name(r.case.mesh), r.graph_nodes, ms(r.load_s));
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | - | - | - | {} | - | - | - | - | failed: {e} | - |",
+                    r.case.model,
+                    mesh_name(r.case.mesh),
+                    r.graph_nodes,
+                    ms(r.load_s)
+                );
             }
         }
     }
-    let _ = writeln!(s, "\n## Auto against the hand-written plans (predicted step time, peak memory per device)\n");
+    let _ = writeln!(
+        s,
+        "\n## Auto against the hand-written plans (predicted step time, peak memory per device)\n"
+    );
     let _ = writeln!(s, "| model | mesh | auto | dp | tp | fsdp |");
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     let cell = |p: &Result<Plan, String>| match p {
-        Ok(p) => format!("{} / {:.1} GiB", ms(p.predicted.step_s), p.predicted.peak_memory_bytes / 1024f64.powi(3)),
+        Ok(p) => format!(
+            "{} / {:.1} GiB",
+            ms(p.predicted.step_s),
+            p.predicted.peak_memory_bytes / 1024f64.powi(3)
+        ),
         Err(e) if e.contains("smallest per-device memory") => "does not fit".to_string(),
         Err(e) => format!("failed: {e}"),
     };
     for r in rows {
         let fam: Vec<String> = r.families.iter().map(|(_, p)| cell(p)).collect();
-        let _ = writeln!(s, "| {} | {} | {} | {} |", r.case.model, mesh_name(r.case.mesh), cell(&r.auto), fam.join(" | "));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            r.case.model,
+            mesh_name(r.case.mesh),
+            cell(&r.auto),
+            fam.join(" | ")
+        );
     }
     if rows.iter().any(|r| r.unshared.is_some()) {
         let _ = writeln!(s, "\n## Sharing decisions between repeated layers\n");
@@ -148,7 +231,9 @@ pub fn report(rows: &[Row], cluster: &Cluster, command: &str) -> String {
         let _ = writeln!(s, "| model | mesh | shared: decisions / solve | unshared: decisions / solve / status | speed-up | objective shared vs unshared |");
         let _ = writeln!(s, "|---|---|---|---|---|---|");
         for r in rows {
-            let (Ok(a), Some(Ok(u))) = (&r.auto, &r.unshared) else { continue };
+            let (Ok(a), Some(Ok(u))) = (&r.auto, &r.unshared) else {
+                continue;
+            };
             let t_a = a.solver.strategies_s + a.solver.build_s + a.solver.solve_s;
             let t_u = u.solver.strategies_s + u.solver.build_s + u.solver.solve_s;
             let _ = writeln!(
@@ -178,10 +263,20 @@ pub fn svg(rows: &[Row]) -> String {
             let label = format!("{} {}", r.case.model, mesh_name(r.case.mesh));
             let mut v = vec![];
             if let Ok(p) = &r.auto {
-                v.push((r.graph_nodes as f64, (p.solver.build_s + p.solver.solve_s).max(1e-4), label.clone(), true));
+                v.push((
+                    r.graph_nodes as f64,
+                    (p.solver.build_s + p.solver.solve_s).max(1e-4),
+                    label.clone(),
+                    true,
+                ));
             }
             if let Some(Ok(p)) = &r.unshared {
-                v.push((r.graph_nodes as f64, (p.solver.build_s + p.solver.solve_s).max(1e-4), label, false));
+                v.push((
+                    r.graph_nodes as f64,
+                    (p.solver.build_s + p.solver.solve_s).max(1e-4),
+                    label,
+                    false,
+                ));
             }
             v
         })
@@ -193,24 +288,65 @@ pub fn svg(rows: &[Row]) -> String {
     let px = |x: f64| m + (lx(x) - x0) / (x1 - x0) * (w - 2.0 * m);
     let py = |y: f64| h - m - (y.log10() - y0) / (y1 - y0) * (h - 2.0 * m);
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+    );
     let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(s, r#"<text x="{}" y="20" text-anchor="middle" font-size="14">ILP build + solve time against training-graph size</text>"#, w / 2.0);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">ILP build + solve time against training-graph size</text>"#,
+        w / 2.0
+    );
     for e in 2..=4 {
         let x = px(10f64.powi(e));
-        let _ = writeln!(s, r##"<line x1="{x}" y1="{}" x2="{x}" y2="{}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle">{}</text>"##, m, h - m, h - m + 16.0, 10u64.pow(e as u32));
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x}" y1="{}" x2="{x}" y2="{}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle">{}</text>"##,
+            m,
+            h - m,
+            h - m + 16.0,
+            10u64.pow(e as u32)
+        );
     }
     for e in -4..=2 {
         let y = py(10f64.powi(e));
-        let _ = writeln!(s, r##"<line x1="{m}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">1e{e} s</text>"##, w - m, m - 6.0, y + 4.0);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{m}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">1e{e} s</text>"##,
+            w - m,
+            m - 6.0,
+            y + 4.0
+        );
     }
-    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">training-graph nodes</text>"#, w / 2.0, h - 18.0);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">training-graph nodes</text>"#,
+        w / 2.0,
+        h - 18.0
+    );
     for (x, y, label, shared) in &pts {
         let color = if *shared { "#1f77b4" } else { "#d62728" };
-        let _ = writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{color}"><title>{label}: {:.4} s</title></circle>"#, px(*x), py(*y), y);
+        let _ = writeln!(
+            s,
+            r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{color}"><title>{label}: {:.4} s</title></circle>"#,
+            px(*x),
+            py(*y),
+            y
+        );
     }
-    let _ = writeln!(s, r##"<circle cx="{}" cy="40" r="4" fill="#1f77b4"/><text x="{}" y="44">layers shared</text>"##, w - 200.0, w - 190.0);
-    let _ = writeln!(s, r##"<circle cx="{}" cy="58" r="4" fill="#d62728"/><text x="{}" y="62">unshared</text>"##, w - 200.0, w - 190.0);
+    let _ = writeln!(
+        s,
+        r##"<circle cx="{}" cy="40" r="4" fill="#1f77b4"/><text x="{}" y="44">layers shared</text>"##,
+        w - 200.0,
+        w - 190.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<circle cx="{}" cy="58" r="4" fill="#d62728"/><text x="{}" y="62">unshared</text>"##,
+        w - 200.0,
+        w - 190.0
+    );
     s.push_str("</svg>\n");
     s
 }

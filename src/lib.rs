@@ -162,10 +162,12 @@ pub fn build_training(model: &LoadedModel, opts: &LoadOptions) -> Result<Trainin
     let loss = match &opts.loss {
         LossChoice::Auto => match model.loss {
             Some(l) => LossSpec::Given(l),
-            None => return Err(Error::Usage(format!(
+            None => {
+                return Err(Error::Usage(format!(
                 "{}: the model has no loss; choose one with --loss ce:OUTPUT or --loss mean:OUTPUT",
                 model.name
-            ))),
+            )))
+            }
         },
         LossChoice::CrossEntropy { output } => LossSpec::CrossEntropy {
             logits: find_output(output)?,
@@ -224,7 +226,11 @@ pub fn inspect(
 
 /// Plans `model` on a mesh: builds the training graph, profiles it and solves for the sharding
 /// plan (see [`planner`]).
-pub fn plan_model(model: &LoadedModel, opts: &LoadOptions, plan: &planner::PlanOptions) -> Result<solver::plan::Plan, Error> {
+pub fn plan_model(
+    model: &LoadedModel,
+    opts: &LoadOptions,
+    plan: &planner::PlanOptions,
+) -> Result<solver::plan::Plan, Error> {
     let tg = build_training(model, opts)?;
     let profile = analyzer::profile::profile(&tg, plan.optimizer, plan.policy);
     planner::plan(&model.name, &tg, &profile, plan)
@@ -235,7 +241,10 @@ pub fn parse_bytes(s: &str) -> Result<f64, String> {
     let t = s.trim();
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.trim().parse().map_err(|_| format!("bad size {s:?}: expected e.g. 40GiB, 16GB or 512MiB"))?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: expected e.g. 40GiB, 16GB or 512MiB"))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kib" => 1024.0,

@@ -283,11 +283,19 @@ fn plan_options(a: &PlanArgs) -> Result<autopar::planner::PlanOptions> {
     let cluster = Cluster::load(&a.cluster)?;
     let mut po = PlanOptions::new(mesh, cluster);
     po.gpus_per_node = a.gpus_per_node;
-    po.memory_budget = a.memory.as_deref().map(autopar::parse_bytes).transpose().map_err(anyhow::Error::msg)?;
+    po.memory_budget = a
+        .memory
+        .as_deref()
+        .map(autopar::parse_bytes)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     po.family = a.strategy.parse::<Family>().map_err(anyhow::Error::msg)?;
     po.backend = Backend::parse(&a.solver)?;
     if let Some(t) = a.time_limit {
-        anyhow::ensure!(t > 0.0 && t.is_finite(), "--time-limit {t}: must be a positive number of seconds");
+        anyhow::ensure!(
+            t > 0.0 && t.is_finite(),
+            "--time-limit {t}: must be a positive number of seconds"
+        );
     }
     po.time_limit_s = a.time_limit;
     po.share_layers = !a.no_share_layers;
@@ -300,7 +308,9 @@ fn plan(a: &PlanArgs) -> Result<()> {
     let opts = load_options(&a.model)?;
     let po = plan_options(a)?;
     let mut progress = Progress::new();
-    let model = progress.phase("loading model", || autopar::load_model(&a.model.model, &opts))?;
+    let model = progress.phase("loading model", || {
+        autopar::load_model(&a.model.model, &opts)
+    })?;
     let plan = progress.phase("planning", || autopar::plan_model(&model, &opts, &po))?;
     if let Some(path) = &a.output {
         let text = serde_json::to_string_pretty(&plan)?;
@@ -339,32 +349,57 @@ fn plan(a: &PlanArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
-    println!("{} on mesh {} ({}), strategy {}", plan.model, plan.mesh.name(), plan.cluster.name, plan.family);
+    println!(
+        "{} on mesh {} ({}), strategy {}",
+        plan.model,
+        plan.mesh.name(),
+        plan.cluster.name,
+        plan.family
+    );
     println!();
     let roots: Vec<_> = plan.nodes.iter().filter(|n| n.follows.is_none()).collect();
-    let width = roots.iter().map(|n| n.name.len()).max().unwrap_or(4).clamp(4, 48);
+    let width = roots
+        .iter()
+        .map(|n| n.name.len())
+        .max()
+        .unwrap_or(4)
+        .clamp(4, 48);
     println!("{:<width$}  {:<26} strategy", "node", "op");
     for n in roots {
-        let name = if n.name.is_empty() { format!("n{}", n.node) } else { n.name.clone() };
+        let name = if n.name.is_empty() {
+            format!("n{}", n.node)
+        } else {
+            n.name.clone()
+        };
         println!("{name:<width$}  {:<26} {}", n.op, n.notation);
     }
     println!();
     println!("parameters (storage):");
     let mut by_spec: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
-    for t in plan.tensors.iter().filter(|t| matches!(t.role, autopar::solver::plan::TensorRole::Param)) {
+    for t in plan
+        .tensors
+        .iter()
+        .filter(|t| matches!(t.role, autopar::solver::plan::TensorRole::Param))
+    {
         let e = by_spec.entry(t.spec.to_string()).or_default();
         e.0 += 1;
         e.1 += t.bytes_per_device;
     }
     for (spec, (count, bytes)) in by_spec {
-        println!("  {spec:<10} {count:>5} tensors, {} per device (weights, grads, optimizer)", human_bytes(bytes));
+        println!(
+            "  {spec:<10} {count:>5} tensors, {} per device (weights, grads, optimizer)",
+            human_bytes(bytes)
+        );
     }
     println!();
     println!("collectives:");
-    let mut by_op: std::collections::BTreeMap<(String, String), (usize, f64, f64)> = Default::default();
+    let mut by_op: std::collections::BTreeMap<(String, String), (usize, f64, f64)> =
+        Default::default();
     for c in &plan.collectives {
         let kind = c.op.split('(').next().unwrap_or(&c.op).to_string();
-        let e = by_op.entry((format!("{:?}", c.phase).to_lowercase(), kind)).or_default();
+        let e = by_op
+            .entry((format!("{:?}", c.phase).to_lowercase(), kind))
+            .or_default();
         e.0 += 1;
         e.1 += c.bytes;
         e.2 += c.time_s;
@@ -373,7 +408,11 @@ fn plan(a: &PlanArgs) -> Result<()> {
         println!("  none");
     }
     for ((phase, kind), (count, bytes, t)) in by_op {
-        println!("  {phase:<9} {kind:<16} {count:>6} x, {} moved, {:.3} ms", human_bytes(bytes), t * 1e3);
+        println!(
+            "  {phase:<9} {kind:<16} {count:>6} x, {} moved, {:.3} ms",
+            human_bytes(bytes),
+            t * 1e3
+        );
     }
     println!();
     println!(
@@ -382,7 +421,10 @@ fn plan(a: &PlanArgs) -> Result<()> {
         plan.predicted.compute_s * 1e3,
         plan.predicted.communication_s * 1e3
     );
-    println!("peak memory / device  {}", human_bytes(plan.predicted.peak_memory_bytes));
+    println!(
+        "peak memory / device  {}",
+        human_bytes(plan.predicted.peak_memory_bytes)
+    );
     println!(
         "solver                {} {}, objective {:.6} s, lower bound {:.6} s, gap {:.3} %",
         r.backend,
@@ -406,7 +448,10 @@ fn bench_solver(a: &BenchSolverArgs) -> Result<()> {
     let cluster = autopar::solver::cluster::Cluster::load(&a.cluster)?;
     let unshared = (a.unshared_time_limit > 0.0).then_some(a.unshared_time_limit);
     let mut rows = vec![];
-    for case in autopar::bench::CASES.iter().filter(|c| a.only.as_deref().is_none_or(|o| c.model.contains(o))) {
+    for case in autopar::bench::CASES
+        .iter()
+        .filter(|c| a.only.as_deref().is_none_or(|o| c.model.contains(o)))
+    {
         eprintln!("{} on {:?}...", case.model, case.mesh);
         rows.push(autopar::bench::run_case(case, &cluster, unshared)?);
     }
@@ -415,10 +460,14 @@ fn bench_solver(a: &BenchSolverArgs) -> Result<()> {
     match &a.output {
         Some(path) => {
             let svg_path = path.with_extension("svg");
-            let name = svg_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = svg_path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             md.push_str(&format!("\n![ILP time against graph size]({name})\n"));
             std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
-            std::fs::write(&svg_path, autopar::bench::svg(&rows)).with_context(|| format!("writing {}", svg_path.display()))?;
+            std::fs::write(&svg_path, autopar::bench::svg(&rows))
+                .with_context(|| format!("writing {}", svg_path.display()))?;
             eprintln!("wrote {} and {}", path.display(), svg_path.display());
         }
         None => print!("{md}"),
@@ -429,7 +478,9 @@ fn bench_solver(a: &BenchSolverArgs) -> Result<()> {
 fn inspect(a: &InspectArgs) -> Result<()> {
     let opts = load_options(&a.model)?;
     let mut progress = Progress::new();
-    let model = progress.phase("loading model", || autopar::load_model(&a.model.model, &opts))?;
+    let model = progress.phase("loading model", || {
+        autopar::load_model(&a.model.model, &opts)
+    })?;
     let policy = policy_of(a.dtype);
     let optimizer = optimizer_of(a.optimizer);
     let report = progress.phase("building and profiling the training step", || {

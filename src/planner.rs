@@ -39,7 +39,8 @@ use autopar_solver::cluster::Cluster;
 use autopar_solver::ilp::{self, Backend, SolveOptions};
 use autopar_solver::mesh::Mesh;
 use autopar_solver::plan::{
-    Phase as PlanPhase, Plan, PlanCollective, PlanNode, PlanTensor, Prediction, SolverReport, TensorRole, PLAN_SCHEMA_VERSION,
+    Phase as PlanPhase, Plan, PlanCollective, PlanNode, PlanTensor, Prediction, SolverReport,
+    TensorRole, PLAN_SCHEMA_VERSION,
 };
 use autopar_solver::problem::{MemoryRow, Overlap, Problem, ProblemEdge, ProblemNode, Solution};
 use autopar_solver::reshard::Resharder;
@@ -85,7 +86,9 @@ impl std::str::FromStr for Family {
             "dp" => Ok(Family::Dp),
             "tp" => Ok(Family::Tp),
             "fsdp" => Ok(Family::Fsdp),
-            _ => Err(format!("unknown strategy {s:?}: expected auto, dp, tp or fsdp")),
+            _ => Err(format!(
+                "unknown strategy {s:?}: expected auto, dp, tp or fsdp"
+            )),
         }
     }
 }
@@ -137,7 +140,8 @@ fn compute_seconds(cost: &Cost, cluster: &Cluster, policy: DTypePolicy) -> f64 {
     let vector_peak = cluster.peak_flops_fp32;
     let math = cost.matmul_flops / (peak * cluster.matmul_efficiency)
         + (cost.flops - cost.matmul_flops).max(0.0) / (vector_peak * cluster.vector_efficiency);
-    let memory = (cost.bytes_read + cost.bytes_written) / (cluster.hbm_bandwidth * cluster.memory_efficiency);
+    let memory = (cost.bytes_read + cost.bytes_written)
+        / (cluster.hbm_bandwidth * cluster.memory_efficiency);
     math.max(memory)
 }
 
@@ -154,8 +158,15 @@ enum Source {
 
 /// One decision of the problem.
 enum Decision {
-    Op { root: NodeId, strategies: Vec<Strategy> },
-    Tensor { value: ValueId, specs: Vec<ShardingSpec>, role: TensorRole },
+    Op {
+        root: NodeId,
+        strategies: Vec<Strategy>,
+    },
+    Tensor {
+        value: ValueId,
+        specs: Vec<ShardingSpec>,
+        role: TensorRole,
+    },
 }
 
 impl Decision {
@@ -247,14 +258,22 @@ fn layer_pattern(name: &str) -> Option<(String, String)> {
 
 impl<'a> Builder<'a> {
     fn is_fixed(&self, v: ValueId) -> bool {
-        matches!(self.g.value(v).def, ValueDef::Const(_) | ValueDef::Buffer { .. })
+        matches!(
+            self.g.value(v).def,
+            ValueDef::Const(_) | ValueDef::Buffer { .. }
+        )
     }
 
     /// Followers: elementwise forward nodes whose non-constant inputs are one value produced
     /// by a forward node, and whose outputs all have that value's shape and axes.
     fn follower_input(&self, n: NodeId) -> Option<ValueId> {
         let node = self.g.node(n);
-        let live: Vec<ValueId> = node.inputs.iter().copied().filter(|&v| !self.is_fixed(v)).collect();
+        let live: Vec<ValueId> = node
+            .inputs
+            .iter()
+            .copied()
+            .filter(|&v| !self.is_fixed(v))
+            .collect();
         let &u = live.first()?;
         if live.iter().any(|&v| v != u) || self.g.producer(u).is_none() {
             return None;
@@ -300,7 +319,10 @@ impl<'a> Builder<'a> {
     }
 
     fn elem_bytes(&self, v: ValueId) -> usize {
-        self.opts.policy.compute_dtype(self.g.ty(v).dtype).size_bytes()
+        self.opts
+            .policy
+            .compute_dtype(self.g.ty(v).dtype)
+            .size_bytes()
     }
 
     fn family_allows_op(&self, n: NodeId, s: &Strategy) -> bool {
@@ -320,7 +342,13 @@ impl<'a> Builder<'a> {
                     }
                     (Some(b), None) => {
                         // allowed only if the batch axis could not take this axis too
-                        let full = s.assignment.iter().enumerate().filter(|(_, x)| **x == Some(b)).map(|(mm, _)| self.mesh.axis_size(mm)).product::<usize>();
+                        let full = s
+                            .assignment
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, x)| **x == Some(b))
+                            .map(|(mm, _)| self.mesh.axis_size(mm))
+                            .product::<usize>();
                         self.batch_size(n, b) % (full * size) != 0
                     }
                     (None, None) => true,
@@ -366,7 +394,10 @@ impl<'a> Builder<'a> {
             (TensorRole::Input, _) => {
                 // data inputs: split on their batch dim as the family's compute wants
                 let bd = self.batch_dim[v.0 as usize];
-                spec.dims.iter().enumerate().all(|(d, axes)| axes.is_empty() || Some(d) == bd)
+                spec.dims
+                    .iter()
+                    .enumerate()
+                    .all(|(d, axes)| axes.is_empty() || Some(d) == bd)
             }
         }
     }
@@ -406,12 +437,18 @@ fn propagate_batch(g: &Graph, forward_nodes: usize) -> (Vec<Option<usize>>, Vec<
 }
 
 /// Plans `tg` (see the module doc).
-pub fn plan(model: &str, tg: &TrainingGraph, profile: &Profile, opts: &PlanOptions) -> Result<Plan, Error> {
+pub fn plan(
+    model: &str,
+    tg: &TrainingGraph,
+    profile: &Profile,
+    opts: &PlanOptions,
+) -> Result<Plan, Error> {
     let t0 = Instant::now();
     let g = &tg.graph;
     let cluster = &opts.cluster;
     let gpn = opts.gpus_per_node.unwrap_or(cluster.gpus_per_node);
-    let mesh = Mesh::on_cluster(opts.mesh_shape.clone(), cluster, gpn).map_err(|e| Error::Usage(e.to_string()))?;
+    let mesh = Mesh::on_cluster(opts.mesh_shape.clone(), cluster, gpn)
+        .map_err(|e| Error::Usage(e.to_string()))?;
     let fwd = tg.forward_nodes;
     let (batch_axis, batch_dim) = propagate_batch(g, fwd);
 
@@ -421,7 +458,11 @@ pub fn plan(model: &str, tg: &TrainingGraph, profile: &Profile, opts: &PlanOptio
         needs_grad[p.0 as usize] = true;
     }
     for (_, node) in g.nodes.iter().take(fwd) {
-        let any = node.inputs.iter().enumerate().any(|(i, v)| needs_grad[v.0 as usize] && node.op.spec().differentiable(i));
+        let any = node
+            .inputs
+            .iter()
+            .enumerate()
+            .any(|(i, v)| needs_grad[v.0 as usize] && node.op.spec().differentiable(i));
         for &o in &node.outputs {
             needs_grad[o.0 as usize] = any && g.ty(o).dtype.is_float();
         }
@@ -464,10 +505,20 @@ pub fn plan(model: &str, tg: &TrainingGraph, profile: &Profile, opts: &PlanOptio
             b.copies[k] += 1;
             continue;
         }
-        let specs: Vec<ShardingSpec> =
-            strategy::storage_specs(&d.ty.shape, &mesh).into_iter().filter(|s| b.family_allows_storage(v, s, &role)).collect();
-        let specs = if specs.is_empty() { vec![ShardingSpec::replicated(d.ty.rank())] } else { specs };
-        b.decisions.push(Decision::Tensor { value: v, specs, role });
+        let specs: Vec<ShardingSpec> = strategy::storage_specs(&d.ty.shape, &mesh)
+            .into_iter()
+            .filter(|s| b.family_allows_storage(v, s, &role))
+            .collect();
+        let specs = if specs.is_empty() {
+            vec![ShardingSpec::replicated(d.ty.rank())]
+        } else {
+            specs
+        };
+        b.decisions.push(Decision::Tensor {
+            value: v,
+            specs,
+            role,
+        });
         b.copies.push(1);
         let idx = b.decisions.len() - 1;
         b.decision_of_value.insert(v, idx);
@@ -495,7 +546,12 @@ pub fn plan(model: &str, tg: &TrainingGraph, profile: &Profile, opts: &PlanOptio
             b.source[v.0 as usize] = Source::Root(n, o);
         }
         let op_json = serde_json::to_string(&node.op).unwrap_or_default();
-        let types: Vec<String> = node.inputs.iter().chain(&node.outputs).map(|&v| g.ty(v).to_string()).collect();
+        let types: Vec<String> = node
+            .inputs
+            .iter()
+            .chain(&node.outputs)
+            .map(|&v| g.ty(v).to_string())
+            .collect();
         let signature = format!("{op_json}|{}", types.join(","));
         let key = match (opts.share_layers, layer_pattern(&node.name)) {
             (true, Some((pat, layer))) => {
@@ -513,15 +569,30 @@ pub fn plan(model: &str, tg: &TrainingGraph, profile: &Profile, opts: &PlanOptio
         let strategies = match strategy_cache.get(&signature) {
             Some(s) => s.clone(),
             None => {
-                let shapes: Vec<Vec<usize>> = node.outputs.iter().map(|&v| g.ty(v).shape.clone()).collect();
+                let shapes: Vec<Vec<usize>> = node
+                    .outputs
+                    .iter()
+                    .map(|&v| g.ty(v).shape.clone())
+                    .collect();
                 let all = strategy::enumerate(&op_axes(g, n), &shapes, &mesh);
                 strategy_cache.insert(signature.clone(), all.clone());
                 all
             }
         };
-        let allowed: Vec<Strategy> = strategies.iter().filter(|s| b.family_allows_op(n, s)).cloned().collect();
-        let strategies = if allowed.is_empty() { strategies.into_iter().take(1).collect() } else { allowed };
-        b.decisions.push(Decision::Op { root: n, strategies });
+        let allowed: Vec<Strategy> = strategies
+            .iter()
+            .filter(|s| b.family_allows_op(n, s))
+            .cloned()
+            .collect();
+        let strategies = if allowed.is_empty() {
+            strategies.into_iter().take(1).collect()
+        } else {
+            allowed
+        };
+        b.decisions.push(Decision::Op {
+            root: n,
+            strategies,
+        });
         b.copies.push(1);
         let idx = b.decisions.len() - 1;
         b.decision_of_node.insert(n, idx);
@@ -533,14 +604,22 @@ pub fn plan(model: &str, tg: &TrainingGraph, profile: &Profile, opts: &PlanOptio
 
     let t_build = Instant::now();
     let problem = build_problem(&b)?;
-    problem.problem.check().map_err(|e| Error::Usage(format!("internal: malformed problem: {e}")))?;
+    problem
+        .problem
+        .check()
+        .map_err(|e| Error::Usage(format!("internal: malformed problem: {e}")))?;
     let build_s = t_build.elapsed().as_secs_f64();
 
-    let solve_opts = SolveOptions { backend: opts.backend, time_limit_s: opts.time_limit_s, ..SolveOptions::default() };
+    let solve_opts = SolveOptions {
+        backend: opts.backend,
+        time_limit_s: opts.time_limit_s,
+        ..SolveOptions::default()
+    };
     let result = match ilp::solve(&problem.problem, &solve_opts) {
         Ok(r) => r,
         Err(ilp::SolveError::Infeasible { .. }) => {
-            let min = autopar_solver::min_memory::min_peak_memory(&problem.problem).map_err(Error::Usage)?;
+            let min = autopar_solver::min_memory::min_peak_memory(&problem.problem)
+                .map_err(Error::Usage)?;
             return Err(Error::Usage(format!(
                 "no {} plan of {model} on mesh {} fits {:.2} GiB per device: the smallest per-device memory any such plan needs is {:.2} GiB",
                 opts.family.name(),
@@ -594,16 +673,27 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
     let g = b.g;
     let mesh = &b.mesh;
     let fwd = b.tg.forward_nodes;
-    let reshard_err = |e: autopar_solver::reshard::ReshardError| Error::Usage(format!("internal resharding error: {e}"));
+    let reshard_err = |e: autopar_solver::reshard::ReshardError| {
+        Error::Usage(format!("internal resharding error: {e}"))
+    };
     let node_time = |n: NodeId| -> f64 {
         let row = &b.profile.nodes[n.0 as usize];
-        let f = Cost { flops: row.flops, matmul_flops: row.matmul_flops, bytes_read: row.bytes_read, bytes_written: row.bytes_written };
-        compute_seconds(&f, b.cluster, b.opts.policy) + row.backward.map_or(0.0, |c| compute_seconds(&c, b.cluster, b.opts.policy))
+        let f = Cost {
+            flops: row.flops,
+            matmul_flops: row.matmul_flops,
+            bytes_read: row.bytes_read,
+            bytes_written: row.bytes_written,
+        };
+        compute_seconds(&f, b.cluster, b.opts.policy)
+            + row
+                .backward
+                .map_or(0.0, |c| compute_seconds(&c, b.cluster, b.opts.policy))
     };
 
     // node costs
     let per_elem = param_bytes_per_element(b.opts.optimizer, b.opts.policy);
-    let optimizer_bytes_touched = (2 * per_elem.weights + per_elem.grads + 2 * per_elem.optimizer) as f64;
+    let optimizer_bytes_touched =
+        (2 * per_elem.weights + per_elem.grads + 2 * per_elem.optimizer) as f64;
     let mut compute: Vec<Vec<f64>> = b.decisions.iter().map(|d| vec![0.0; d.len()]).collect();
     let mut comm: Vec<Vec<f64>> = b.decisions.iter().map(|d| vec![0.0; d.len()]).collect();
     for (k, d) in b.decisions.iter().enumerate() {
@@ -613,13 +703,17 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
                     let shape = &g.ty(*value).shape;
                     for (s, spec) in specs.iter().enumerate() {
                         let local = spec.local_numel(shape, mesh) as f64;
-                        compute[k][s] = local * optimizer_bytes_touched / (b.cluster.hbm_bandwidth * b.cluster.memory_efficiency);
+                        compute[k][s] = local * optimizer_bytes_touched
+                            / (b.cluster.hbm_bandwidth * b.cluster.memory_efficiency);
                     }
                 }
             }
             Decision::Op { root, strategies } => {
                 let base = node_time(*root);
-                let followers: Vec<NodeId> = (0..fwd).map(|i| NodeId(i as u32)).filter(|&f| f != *root && b.root_of[f.0 as usize] == *root).collect();
+                let followers: Vec<NodeId> = (0..fwd)
+                    .map(|i| NodeId(i as u32))
+                    .filter(|&f| f != *root && b.root_of[f.0 as usize] == *root)
+                    .collect();
                 for (s, st) in strategies.iter().enumerate() {
                     let mut t = base / st.work_divisor as f64;
                     for &f in &followers {
@@ -633,19 +727,44 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
                             let v = g.node(*root).outputs[o];
                             let shape = &g.ty(v).shape;
                             let eb = b.elem_bytes(v);
-                            c += b.resharder.transition(raw, out, shape, eb).map_err(reshard_err)?.cost_s;
+                            c += b
+                                .resharder
+                                .transition(raw, out, shape, eb)
+                                .map_err(reshard_err)?
+                                .cost_s;
                             if b.needs_grad[v.0 as usize] {
-                                c += b.resharder.transition(out, &raw.without_partial(), shape, eb).map_err(reshard_err)?.cost_s;
+                                c += b
+                                    .resharder
+                                    .transition(out, &raw.without_partial(), shape, eb)
+                                    .map_err(reshard_err)?
+                                    .cost_s;
                             }
                         }
                     }
                     if !st.statistics_axes.is_empty() {
                         // SyncBatchNorm-style: all-reduce statistics shaped like the op's rank-1
                         // operands, once forward and once backward
-                        let stat_elems: usize =
-                            g.node(*root).inputs.iter().map(|&v| g.ty(v)).filter(|t| t.rank() == 1).map(|t| t.numel()).sum();
-                        let partial = ShardingSpec { dims: vec![vec![]], partial: st.statistics_axes.clone() };
-                        let t = b.resharder.transition(&partial, &ShardingSpec::replicated(1), &[stat_elems.max(1)], 4).map_err(reshard_err)?;
+                        let stat_elems: usize = g
+                            .node(*root)
+                            .inputs
+                            .iter()
+                            .map(|&v| g.ty(v))
+                            .filter(|t| t.rank() == 1)
+                            .map(|t| t.numel())
+                            .sum();
+                        let partial = ShardingSpec {
+                            dims: vec![vec![]],
+                            partial: st.statistics_axes.clone(),
+                        };
+                        let t = b
+                            .resharder
+                            .transition(
+                                &partial,
+                                &ShardingSpec::replicated(1),
+                                &[stat_elems.max(1)],
+                                4,
+                            )
+                            .map_err(reshard_err)?;
                         c += 2.0 * t.cost_s;
                     }
                     comm[k][s] = c;
@@ -664,10 +783,21 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
                 Decision::Tensor { value, .. } => g.value(*value).name.clone(),
             };
             let copies = b.copies[k] as f64;
-            ProblemNode { name, costs: compute[k].iter().zip(&comm[k]).map(|(a, c)| (a + c) * copies).collect() }
+            ProblemNode {
+                name,
+                costs: compute[k]
+                    .iter()
+                    .zip(&comm[k])
+                    .map(|(a, c)| (a + c) * copies)
+                    .collect(),
+            }
         })
         .collect();
-    let compute: Vec<Vec<f64>> = compute.iter().enumerate().map(|(k, c)| c.iter().map(|x| x * b.copies[k] as f64).collect()).collect();
+    let compute: Vec<Vec<f64>> = compute
+        .iter()
+        .enumerate()
+        .map(|(k, c)| c.iter().map(|x| x * b.copies[k] as f64).collect())
+        .collect();
 
     // edges, aggregated over identical copies
     #[derive(Hash, PartialEq, Eq)]
@@ -688,13 +818,24 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
             continue;
         }
         let dst = b.decision_of_node[&n];
-        let Decision::Op { strategies, .. } = &b.decisions[dst] else { continue };
+        let Decision::Op { strategies, .. } = &b.decisions[dst] else {
+            continue;
+        };
         for (i, &v) in node.inputs.iter().enumerate() {
-            let Some(src) = b.decision_of_source(v) else { continue };
+            let Some(src) = b.decision_of_source(v) else {
+                continue;
+            };
             let src_len = b.decisions[src].len();
             let src_specs: Vec<ShardingSpec> = (0..src_len).map(|s| b.spec_of(v, s)).collect();
-            let dst_needs: Vec<(ShardingSpec, ShardingSpec)> =
-                strategies.iter().map(|st| (st.inputs[i].clone(), with_partial(&st.inputs[i], &st.input_grad_partial[i]))).collect();
+            let dst_needs: Vec<(ShardingSpec, ShardingSpec)> = strategies
+                .iter()
+                .map(|st| {
+                    (
+                        st.inputs[i].clone(),
+                        with_partial(&st.inputs[i], &st.input_grad_partial[i]),
+                    )
+                })
+                .collect();
             let key = EdgeKey {
                 src,
                 dst,
@@ -735,14 +876,25 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
         let mut cost = vec![vec![0.0; dst_reps.len()]; src_reps.len()];
         for (a, from) in src_reps.iter().enumerate() {
             for (c, (need, grad_in)) in dst_reps.iter().enumerate() {
-                let fwd_t = b.resharder.transition(from, need, &key.shape, key.elem_bytes).map_err(reshard_err)?.cost_s;
+                let fwd_t = b
+                    .resharder
+                    .transition(from, need, &key.shape, key.elem_bytes)
+                    .map_err(reshard_err)?
+                    .cost_s;
                 let mut t = fwd_t;
                 if key.param && from != need {
                     t += fwd_t; // FSDP gathers the parameter again for the backward
                 }
                 if key.grad {
-                    let back = b.resharder.transition(grad_in, from, &key.shape, key.elem_bytes).map_err(reshard_err)?;
-                    t += if key.param { bucketed(&back, &b.mesh) } else { back.cost_s };
+                    let back = b
+                        .resharder
+                        .transition(grad_in, from, &key.shape, key.elem_bytes)
+                        .map_err(reshard_err)?;
+                    t += if key.param {
+                        bucketed(&back, &b.mesh)
+                    } else {
+                        back.cost_s
+                    };
                 }
                 cost[a][c] = t * count;
             }
@@ -755,11 +907,31 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
                 row[s] = cost[src_class[s]][dst_class[s]];
             }
             // parameter traffic overlaps compute (prefetched gathers, bucketed gradient sync)
-            edge_hideable.push(if key.param { diag.clone() } else { vec![vec![0.0; n]; n] });
-            problem_edges.push(ProblemEdge { src: key.src, dst: key.dst, src_class: (0..n).collect(), dst_class: (0..n).collect(), cost: diag });
+            edge_hideable.push(if key.param {
+                diag.clone()
+            } else {
+                vec![vec![0.0; n]; n]
+            });
+            problem_edges.push(ProblemEdge {
+                src: key.src,
+                dst: key.dst,
+                src_class: (0..n).collect(),
+                dst_class: (0..n).collect(),
+                cost: diag,
+            });
         } else {
-            edge_hideable.push(if key.param { cost.clone() } else { vec![vec![0.0; cost.first().map_or(0, |r| r.len())]; cost.len()] });
-            problem_edges.push(ProblemEdge { src: key.src, dst: key.dst, src_class, dst_class, cost });
+            edge_hideable.push(if key.param {
+                cost.clone()
+            } else {
+                vec![vec![0.0; cost.first().map_or(0, |r| r.len())]; cost.len()]
+            });
+            problem_edges.push(ProblemEdge {
+                src: key.src,
+                dst: key.dst,
+                src_class,
+                dst_class,
+                cost,
+            });
         }
     }
     let overlap = Overlap {
@@ -777,7 +949,16 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
     };
 
     let (memory_rows, budget) = memory_rows(b);
-    Ok(Built { problem: Problem { nodes, edges: problem_edges, memory_budget: budget, memory_rows, overlap: Some(overlap) }, compute })
+    Ok(Built {
+        problem: Problem {
+            nodes,
+            edges: problem_edges,
+            memory_budget: budget,
+            memory_rows,
+            overlap: Some(overlap),
+        },
+        compute,
+    })
 }
 
 /// Gradients of parameters are synchronised in buckets (DDP and FSDP put ~25 MiB of gradients
@@ -828,7 +1009,8 @@ fn memory_rows(b: &Builder) -> (Vec<MemoryRow>, Option<f64>) {
     for &v in &g.outputs {
         last_use[v.0 as usize] = Some(nn);
     }
-    let grad_values: HashMap<ValueId, ValueId> = b.tg.grads.iter().map(|&(p, gr)| (gr, p)).collect();
+    let grad_values: HashMap<ValueId, ValueId> =
+        b.tg.grads.iter().map(|&(p, gr)| (gr, p)).collect();
     // per activation value: its (decision, per-strategy bytes) and its interval
     struct Live {
         def: usize,
@@ -839,18 +1021,28 @@ fn memory_rows(b: &Builder) -> (Vec<MemoryRow>, Option<f64>) {
     }
     let mut lives: Vec<Live> = vec![];
     for (v, d) in g.values.iter() {
-        let Some(end) = last_use[v.0 as usize] else { continue };
+        let Some(end) = last_use[v.0 as usize] else {
+            continue;
+        };
         let eb = b.elem_bytes(v) as f64;
         let full = d.ty.numel() as f64 * eb;
         let (def, decision, bytes) = match d.def {
             ValueDef::Input => {
                 let k = b.decision_of_value[&v];
-                (0, Some(k), (0..b.decisions[k].len()).map(|s| b.spec_of(v, s).local_numel(&d.ty.shape, mesh) as f64 * eb).collect())
+                (
+                    0,
+                    Some(k),
+                    (0..b.decisions[k].len())
+                        .map(|s| b.spec_of(v, s).local_numel(&d.ty.shape, mesh) as f64 * eb)
+                        .collect(),
+                )
             }
             ValueDef::Node { node, .. } if (node.0 as usize) < fwd => {
                 let k = b.decision_of_source(v);
                 let bytes = match k {
-                    Some(k) => (0..b.decisions[k].len()).map(|s| b.spec_of(v, s).local_numel(&d.ty.shape, mesh) as f64 * eb).collect(),
+                    Some(k) => (0..b.decisions[k].len())
+                        .map(|s| b.spec_of(v, s).local_numel(&d.ty.shape, mesh) as f64 * eb)
+                        .collect(),
                     None => vec![],
                 };
                 (node.0 as usize, k, bytes)
@@ -859,7 +1051,9 @@ fn memory_rows(b: &Builder) -> (Vec<MemoryRow>, Option<f64>) {
                 // backward values: laid out like the matching operand of their forward origin
                 if let Some(&p) = grad_values.get(&v) {
                     let k = b.decision_of_value[&p];
-                    let bytes = (0..b.decisions[k].len()).map(|s| b.spec_of(p, s).local_numel(&d.ty.shape, mesh) as f64 * eb).collect();
+                    let bytes = (0..b.decisions[k].len())
+                        .map(|s| b.spec_of(p, s).local_numel(&d.ty.shape, mesh) as f64 * eb)
+                        .collect();
                     (node.0 as usize, Some(k), bytes)
                 } else {
                     match g.node(node).origin.map(|o| b.root_of[o.0 as usize]) {
@@ -877,10 +1071,14 @@ fn memory_rows(b: &Builder) -> (Vec<MemoryRow>, Option<f64>) {
                                                 .inputs
                                                 .iter()
                                                 .chain(&on.outputs)
-                                                .find(|&&x| g.ty(x).shape == d.ty.shape && !b.is_fixed(x))
+                                                .find(|&&x| {
+                                                    g.ty(x).shape == d.ty.shape && !b.is_fixed(x)
+                                                })
                                                 .map(|&x| b.spec_of_operand(origin, x, s, st));
                                             match matching {
-                                                Some(spec) => spec.local_numel(&d.ty.shape, mesh) as f64 * eb,
+                                                Some(spec) => {
+                                                    spec.local_numel(&d.ty.shape, mesh) as f64 * eb
+                                                }
                                                 None => full / st.work_divisor as f64,
                                             }
                                         })
@@ -897,7 +1095,13 @@ fn memory_rows(b: &Builder) -> (Vec<MemoryRow>, Option<f64>) {
             _ => continue,
         };
         let decision = if bytes.is_empty() { None } else { decision };
-        lives.push(Live { def, end, decision, bytes, replicated: full });
+        lives.push(Live {
+            def,
+            end,
+            decision,
+            bytes,
+            replicated: full,
+        });
     }
     // pick the liveness points where the single-device step holds the most
     let mut delta = vec![0.0f64; nn + 2];
@@ -939,7 +1143,9 @@ fn memory_rows(b: &Builder) -> (Vec<MemoryRow>, Option<f64>) {
             for l in lives.iter().filter(|l| l.def <= t && t <= l.end) {
                 match l.decision {
                     Some(k) => {
-                        let e = terms.entry(k).or_insert_with(|| vec![0.0; b.decisions[k].len()]);
+                        let e = terms
+                            .entry(k)
+                            .or_insert_with(|| vec![0.0; b.decisions[k].len()]);
                         for (x, y) in e.iter_mut().zip(&l.bytes) {
                             *x += y;
                         }
@@ -949,18 +1155,33 @@ fn memory_rows(b: &Builder) -> (Vec<MemoryRow>, Option<f64>) {
             }
             // parameters: weights and optimizer state always, gradients accounted as values
             for (k, d) in b.decisions.iter().enumerate() {
-                if let Decision::Tensor { value, specs, role: TensorRole::Param } = d {
+                if let Decision::Tensor {
+                    value,
+                    specs,
+                    role: TensorRole::Param,
+                } = d
+                {
                     let shape = &g.ty(*value).shape;
                     let e = terms.entry(k).or_insert_with(|| vec![0.0; specs.len()]);
                     for (s, spec) in specs.iter().enumerate() {
-                        e[s] += spec.local_numel(shape, mesh) as f64 * (per_elem.weights + per_elem.optimizer) as f64 * b.copies[k] as f64;
+                        e[s] += spec.local_numel(shape, mesh) as f64
+                            * (per_elem.weights + per_elem.optimizer) as f64
+                            * b.copies[k] as f64;
                     }
                 }
             }
             let mut terms: Vec<(usize, Vec<f64>)> = terms.into_iter().collect();
             terms.sort_by_key(|(k, _)| *k);
-            let label = if t < nn { format!("at {}", g.node_label(NodeId(t as u32))) } else { "at the optimizer step".into() };
-            MemoryRow { label, constant, terms }
+            let label = if t < nn {
+                format!("at {}", g.node_label(NodeId(t as u32)))
+            } else {
+                "at the optimizer step".into()
+            };
+            MemoryRow {
+                label,
+                constant,
+                terms,
+            }
         })
         .collect();
     (rows, budget)
@@ -987,7 +1208,9 @@ fn read_plan(b: &Builder, built: &Built, sol: &Solution, model: &str) -> Result<
     let g = b.g;
     let mesh = &b.mesh;
     let fwd = b.tg.forward_nodes;
-    let reshard_err = |e: autopar_solver::reshard::ReshardError| Error::Usage(format!("internal resharding error: {e}"));
+    let reshard_err = |e: autopar_solver::reshard::ReshardError| {
+        Error::Usage(format!("internal resharding error: {e}"))
+    };
     let ev = autopar_solver::problem::evaluate(&built.problem, sol);
     let mut nodes = vec![];
     let mut collectives = vec![];
@@ -995,17 +1218,38 @@ fn read_plan(b: &Builder, built: &Built, sol: &Solution, model: &str) -> Result<
         let r = b.root_of[n.0 as usize];
         let k = b.decision_of_node[&r];
         let s = sol.choice[k];
-        let Decision::Op { strategies, .. } = &b.decisions[k] else { continue };
+        let Decision::Op { strategies, .. } = &b.decisions[k] else {
+            continue;
+        };
         let st = &strategies[s];
         let row = &b.profile.nodes[n.0 as usize];
-        let cost = Cost { flops: row.flops, matmul_flops: row.matmul_flops, bytes_read: row.bytes_read, bytes_written: row.bytes_written };
-        let t = compute_seconds(&cost, b.cluster, b.opts.policy) + row.backward.map_or(0.0, |c| compute_seconds(&c, b.cluster, b.opts.policy));
+        let cost = Cost {
+            flops: row.flops,
+            matmul_flops: row.matmul_flops,
+            bytes_read: row.bytes_read,
+            bytes_written: row.bytes_written,
+        };
+        let t = compute_seconds(&cost, b.cluster, b.opts.policy)
+            + row
+                .backward
+                .map_or(0.0, |c| compute_seconds(&c, b.cluster, b.opts.policy));
         if r == n {
             nodes.push(PlanNode {
                 node: n.0,
                 name: node.name.clone(),
                 op: autopar_analyzer::profile::op_label(&node.op),
-                inputs: node.inputs.iter().enumerate().map(|(i, &v)| if b.is_fixed(v) { b.spec_of(v, 0) } else { st.inputs[i].clone() }).collect(),
+                inputs: node
+                    .inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        if b.is_fixed(v) {
+                            b.spec_of(v, 0)
+                        } else {
+                            st.inputs[i].clone()
+                        }
+                    })
+                    .collect(),
                 outputs: st.outputs.clone(),
                 notation: st.notation(),
                 assignment: st.assignment.clone(),
@@ -1015,23 +1259,45 @@ fn read_plan(b: &Builder, built: &Built, sol: &Solution, model: &str) -> Result<
             for (o, (raw, out)) in st.raw_outputs.iter().zip(&st.outputs).enumerate() {
                 if raw.is_partial() {
                     let v = node.outputs[o];
-                    push_steps(&mut collectives, b, PlanPhase::Forward, n, v, raw, out).map_err(reshard_err)?;
+                    push_steps(&mut collectives, b, PlanPhase::Forward, n, v, raw, out)
+                        .map_err(reshard_err)?;
                     if b.needs_grad[v.0 as usize] {
-                        push_steps(&mut collectives, b, PlanPhase::Backward, n, v, out, &raw.without_partial()).map_err(reshard_err)?;
+                        push_steps(
+                            &mut collectives,
+                            b,
+                            PlanPhase::Backward,
+                            n,
+                            v,
+                            out,
+                            &raw.without_partial(),
+                        )
+                        .map_err(reshard_err)?;
                     }
                 }
             }
             for (i, &v) in node.inputs.iter().enumerate() {
-                let Some(src) = b.decision_of_source(v) else { continue };
+                let Some(src) = b.decision_of_source(v) else {
+                    continue;
+                };
                 let from = b.spec_of(v, sol.choice[src]);
                 let need = &st.inputs[i];
-                push_steps(&mut collectives, b, PlanPhase::Forward, n, v, &from, need).map_err(reshard_err)?;
+                push_steps(&mut collectives, b, PlanPhase::Forward, n, v, &from, need)
+                    .map_err(reshard_err)?;
                 if b.needs_grad[v.0 as usize] && node.op.spec().differentiable(i) {
                     if g.is_param(v) && &from != need {
-                        push_steps(&mut collectives, b, PlanPhase::Backward, n, v, &from, need).map_err(reshard_err)?;
+                        push_steps(&mut collectives, b, PlanPhase::Backward, n, v, &from, need)
+                            .map_err(reshard_err)?;
                     }
-                    push_steps(&mut collectives, b, PlanPhase::Backward, n, v, &with_partial(need, &st.input_grad_partial[i]), &from)
-                        .map_err(reshard_err)?;
+                    push_steps(
+                        &mut collectives,
+                        b,
+                        PlanPhase::Backward,
+                        n,
+                        v,
+                        &with_partial(need, &st.input_grad_partial[i]),
+                        &from,
+                    )
+                    .map_err(reshard_err)?;
                 }
             }
         } else {
@@ -1040,7 +1306,17 @@ fn read_plan(b: &Builder, built: &Built, sol: &Solution, model: &str) -> Result<
                 node: n.0,
                 name: node.name.clone(),
                 op: autopar_analyzer::profile::op_label(&node.op),
-                inputs: node.inputs.iter().map(|&v| if b.is_fixed(v) { b.spec_of(v, 0) } else { spec.clone() }).collect(),
+                inputs: node
+                    .inputs
+                    .iter()
+                    .map(|&v| {
+                        if b.is_fixed(v) {
+                            b.spec_of(v, 0)
+                        } else {
+                            spec.clone()
+                        }
+                    })
+                    .collect(),
                 outputs: node.outputs.iter().map(|_| spec.clone()).collect(),
                 notation: format!("{spec} = {spec}"),
                 assignment: vec![],
@@ -1064,16 +1340,31 @@ fn read_plan(b: &Builder, built: &Built, sol: &Solution, model: &str) -> Result<
             TensorRole::Param => local * per_elem.total() as f64,
             TensorRole::Input => local * d.ty.dtype.size_bytes() as f64,
         };
-        tensors.push(PlanTensor { value: v.0, name: d.name.clone(), role, shape: d.ty.shape.clone(), spec, bytes_per_device: bytes });
+        tensors.push(PlanTensor {
+            value: v.0,
+            name: d.name.clone(),
+            role,
+            shape: d.ty.shape.clone(),
+            spec,
+            bytes_per_device: bytes,
+        });
     }
-    let compute_s: f64 = built.compute.iter().zip(&sol.choice).map(|(c, &s)| c[s]).sum();
+    let compute_s: f64 = built
+        .compute
+        .iter()
+        .zip(&sol.choice)
+        .map(|(c, &s)| c[s])
+        .sum();
     Ok(Plan {
         schema_version: PLAN_SCHEMA_VERSION,
         model: model.to_string(),
         family: b.opts.family.name().to_string(),
         mesh: mesh.clone(),
         cluster: b.cluster.clone(),
-        dtype_policy: serde_json::to_value(b.opts.policy).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+        dtype_policy: serde_json::to_value(b.opts.policy)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
         optimizer: serde_json::to_string(&b.opts.optimizer).unwrap_or_default(),
         memory_budget_bytes: built.problem.memory_budget,
         nodes,
@@ -1102,7 +1393,9 @@ fn push_steps(
     if from == to {
         return Ok(());
     }
-    let t = b.resharder.transition(from, to, &b.g.ty(v).shape, b.elem_bytes(v))?;
+    let t = b
+        .resharder
+        .transition(from, to, &b.g.ty(v).shape, b.elem_bytes(v))?;
     let mut cur = from.clone();
     for step in t.steps {
         out.push(PlanCollective {

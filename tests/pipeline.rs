@@ -18,7 +18,11 @@ fn corpus() -> PathBuf {
         if c.is_dir() {
             return c;
         }
-        assert!(dir.pop(), "shared/corpus not found above {}", env!("CARGO_MANIFEST_DIR"));
+        assert!(
+            dir.pop(),
+            "shared/corpus not found above {}",
+            env!("CARGO_MANIFEST_DIR")
+        );
     }
 }
 
@@ -33,7 +37,10 @@ fn builtin(name: &str, sets: &[(&str, &str)]) -> InspectReport {
 
 fn onnx(rel: &str, loss: LossChoice) -> InspectReport {
     let path = corpus().join(rel);
-    let opts = LoadOptions { loss, ..LoadOptions::default() };
+    let opts = LoadOptions {
+        loss,
+        ..LoadOptions::default()
+    };
     let m = load_model(path.to_str().expect("utf-8 path"), &opts).expect("import");
     inspect(&m, &opts, Optimizer::AdamW, DTypePolicy::Fp32).expect("inspect onnx")
 }
@@ -44,21 +51,34 @@ fn megatron(b: f64, s: f64, l: f64, h: f64, v: f64) -> f64 {
 
 fn assert_close(what: &str, got: f64, want: f64, rel: f64) {
     let err = (got - want).abs() / want.abs();
-    assert!(err <= rel, "{what}: got {got:.6e}, want {want:.6e} (rel err {err:.4})");
+    assert!(
+        err <= rel,
+        "{what}: got {got:.6e}, want {want:.6e} (rel err {err:.4})"
+    );
 }
 
 #[test]
 fn gpt2_matmul_flops_match_megatron() {
     let r = builtin("gpt2", &[("batch", "8"), ("seq", "1024")]);
     assert_eq!(r.params, 124_439_808);
-    assert_close("gpt2 matmul FLOPs", r.matmul_flops_per_step, megatron(8.0, 1024.0, 12.0, 768.0, 50257.0), 0.005);
+    assert_close(
+        "gpt2 matmul FLOPs",
+        r.matmul_flops_per_step,
+        megatron(8.0, 1024.0, 12.0, 768.0, 50257.0),
+        0.005,
+    );
 }
 
 #[test]
 fn gpt2_medium_matmul_flops_match_megatron() {
     let r = builtin("gpt2-medium", &[("batch", "4"), ("seq", "1024")]);
     assert_eq!(r.params, 354_823_168);
-    assert_close("gpt2-medium matmul FLOPs", r.matmul_flops_per_step, megatron(4.0, 1024.0, 24.0, 1024.0, 50257.0), 0.005);
+    assert_close(
+        "gpt2-medium matmul FLOPs",
+        r.matmul_flops_per_step,
+        megatron(4.0, 1024.0, 24.0, 1024.0, 50257.0),
+        0.005,
+    );
 }
 
 #[test]
@@ -70,7 +90,10 @@ fn llama_8b_has_llama3_parameter_count() {
 #[test]
 fn gpt2_export_matches_builtin() {
     let b = builtin("gpt2", &[("batch", "8"), ("seq", "1024")]);
-    for file in ["gpt2_small/gpt2_small.train.ts.onnx", "gpt2_small/gpt2_small.dynamo.onnx"] {
+    for file in [
+        "gpt2_small/gpt2_small.train.ts.onnx",
+        "gpt2_small/gpt2_small.dynamo.onnx",
+    ] {
         let o = onnx(file, LossChoice::Auto);
         assert_close(file, o.matmul_flops_per_step, b.matmul_flops_per_step, 0.01);
         if file.contains(".train.ts.") {
@@ -93,7 +116,10 @@ fn llama_export_matches_builtin_with_the_same_config() {
         ("tie_embeddings", "false"),
     ];
     let b = builtin("llama-1b", &sets);
-    for file in ["llama_1b/llama_1b.train.ts.onnx", "llama_1b/llama_1b.dynamo.onnx"] {
+    for file in [
+        "llama_1b/llama_1b.train.ts.onnx",
+        "llama_1b/llama_1b.dynamo.onnx",
+    ] {
         let o = onnx(file, LossChoice::Auto);
         assert_close(file, o.matmul_flops_per_step, b.matmul_flops_per_step, 0.01);
         if file.contains(".train.ts.") {
@@ -105,13 +131,25 @@ fn llama_export_matches_builtin_with_the_same_config() {
 #[test]
 fn resnet_export_matches_builtin() {
     let b = builtin("resnet18", &[("batch", "64")]);
-    let ce = || LossChoice::CrossEntropy { output: "logits".into() };
+    let ce = || LossChoice::CrossEntropy {
+        output: "logits".into(),
+    };
     let o = onnx("resnet18/resnet18.train.ts.onnx", ce());
     assert_eq!(o.params, b.params);
-    assert_close("resnet18 conv+matmul FLOPs", o.matmul_flops_per_step, b.matmul_flops_per_step, 0.01);
+    assert_close(
+        "resnet18 conv+matmul FLOPs",
+        o.matmul_flops_per_step,
+        b.matmul_flops_per_step,
+        0.01,
+    );
     // the eval dynamo export folded BatchNorm into the convolutions: same convolution FLOPs
     let d = onnx("resnet18/resnet18.dynamo.onnx", ce());
-    assert_close("resnet18 dynamo", d.profile.forward_matmul_flops, b.profile.forward_matmul_flops, 0.01);
+    assert_close(
+        "resnet18 dynamo",
+        d.profile.forward_matmul_flops,
+        b.profile.forward_matmul_flops,
+        0.01,
+    );
 }
 
 #[test]
@@ -119,20 +157,35 @@ fn models_without_a_loss_need_one_chosen() {
     let path = corpus().join("mlp_tiny/mlp_tiny.dynamo.onnx");
     let opts = LoadOptions::default();
     let m = load_model(path.to_str().expect("utf-8"), &opts).expect("import");
-    let e = inspect(&m, &opts, Optimizer::AdamW, DTypePolicy::Fp32).expect_err("no loss").to_string();
+    let e = inspect(&m, &opts, Optimizer::AdamW, DTypePolicy::Fp32)
+        .expect_err("no loss")
+        .to_string();
     assert!(e.contains("--loss"), "{e}");
     let out = m.graph.value(m.graph.outputs[0]).name.clone();
-    let r = onnx("mlp_tiny/mlp_tiny.dynamo.onnx", LossChoice::Mean { output: out });
+    let r = onnx(
+        "mlp_tiny/mlp_tiny.dynamo.onnx",
+        LossChoice::Mean { output: out },
+    );
     assert_eq!(r.params, 164_672);
-    let e = onnx_err("mlp_tiny/mlp_tiny.dynamo.onnx", LossChoice::Mean { output: "nope".into() });
+    let e = onnx_err(
+        "mlp_tiny/mlp_tiny.dynamo.onnx",
+        LossChoice::Mean {
+            output: "nope".into(),
+        },
+    );
     assert!(e.contains("no output named \"nope\""), "{e}");
 }
 
 fn onnx_err(rel: &str, loss: LossChoice) -> String {
     let path = corpus().join(rel);
-    let opts = LoadOptions { loss, ..LoadOptions::default() };
+    let opts = LoadOptions {
+        loss,
+        ..LoadOptions::default()
+    };
     let m = load_model(path.to_str().expect("utf-8 path"), &opts).expect("import");
-    inspect(&m, &opts, Optimizer::AdamW, DTypePolicy::Fp32).expect_err("error").to_string()
+    inspect(&m, &opts, Optimizer::AdamW, DTypePolicy::Fp32)
+        .expect_err("error")
+        .to_string()
 }
 
 #[test]

@@ -90,7 +90,8 @@ const MATMUL_EFFICIENCY: f64 = 0.7;
 const VECTOR_EFFICIENCY: f64 = 0.5;
 const MEMORY_EFFICIENCY: f64 = 0.8;
 const COMM_EFFICIENCY: f64 = 0.8;
-const ESTIMATES: &str = "latencies (1.1 us intra-node, 5.5 us inter-node per ring step, NCCL LL) and \
+const ESTIMATES: &str =
+    "latencies (1.1 us intra-node, 5.5 us inter-node per ring step, NCCL LL) and \
      efficiencies (matmul 0.7, vector 0.5, memory 0.8, comm 0.8) are estimates";
 
 impl Cluster {

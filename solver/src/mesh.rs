@@ -46,7 +46,11 @@ pub enum MeshError {
     #[error("bad mesh {0:?}: every axis must have at least 1 device")]
     Empty(String),
     #[error("mesh {mesh} has {devices} devices: with {gpus_per_node} GPUs per node, an axis must fit within a node or span whole nodes")]
-    Hierarchy { mesh: String, devices: usize, gpus_per_node: usize },
+    Hierarchy {
+        mesh: String,
+        devices: usize,
+        gpus_per_node: usize,
+    },
 }
 
 impl Mesh {
@@ -69,8 +73,16 @@ impl Mesh {
 
     /// A mesh of `shape` on `cluster` with `gpus_per_node` GPUs per node: axes are assigned to
     /// NVLink from the last axis inward while they fit in a node, the rest to the network.
-    pub fn on_cluster(shape: Vec<usize>, cluster: &Cluster, gpus_per_node: usize) -> Result<Mesh, MeshError> {
-        let name = shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("x");
+    pub fn on_cluster(
+        shape: Vec<usize>,
+        cluster: &Cluster,
+        gpus_per_node: usize,
+    ) -> Result<Mesh, MeshError> {
+        let name = shape
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join("x");
         let gpn = gpus_per_node.max(1);
         let mut inner = 1usize;
         let mut links = vec![];
@@ -83,7 +95,11 @@ impl Mesh {
             } else {
                 // an axis that crosses nodes must span whole nodes
                 if !crossed && n > 1 && (inner * n) % gpn != 0 {
-                    return Err(MeshError::Hierarchy { mesh: name.clone(), devices: shape.iter().product(), gpus_per_node: gpn });
+                    return Err(MeshError::Hierarchy {
+                        mesh: name.clone(),
+                        devices: shape.iter().product(),
+                        gpus_per_node: gpn,
+                    });
                 }
                 crossed = crossed || n > 1;
                 LinkKind::InterNode
@@ -92,7 +108,11 @@ impl Mesh {
                 LinkKind::IntraNode => (cluster.intra_node_latency_s, cluster.intra_node_bandwidth),
                 LinkKind::InterNode => (cluster.inter_node_latency_s, cluster.inter_node_bandwidth),
             };
-            links.push(Link { kind, alpha_s, bandwidth });
+            links.push(Link {
+                kind,
+                alpha_s,
+                bandwidth,
+            });
         }
         links.reverse();
         Ok(Mesh { shape, links })
@@ -119,6 +139,10 @@ impl Mesh {
     }
     /// `2x4`.
     pub fn name(&self) -> String {
-        self.shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("x")
+        self.shape
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join("x")
     }
 }

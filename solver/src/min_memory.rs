@@ -12,7 +12,10 @@
 //! Solved with CBC (bytes scaled to GiB). Without memory rows the answer is 0.
 
 use crate::problem::Problem;
-use good_lp::{constraint, default_solver, variable, Expression, ProblemVariables, Solution as _, SolverModel, Variable};
+use good_lp::{
+    constraint, default_solver, variable, Expression, ProblemVariables, Solution as _, SolverModel,
+    Variable,
+};
 use std::collections::BTreeMap;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -27,7 +30,12 @@ pub fn min_peak_memory(p: &Problem) -> Result<f64, String> {
     for r in &p.memory_rows {
         for (n, bytes) in &r.terms {
             if bytes.len() > 1 && !x.contains_key(n) {
-                x.insert(*n, (0..bytes.len()).map(|_| vars.add(variable().binary())).collect());
+                x.insert(
+                    *n,
+                    (0..bytes.len())
+                        .map(|_| vars.add(variable().binary()))
+                        .collect(),
+                );
             }
         }
     }
@@ -52,15 +60,25 @@ pub fn min_peak_memory(p: &Problem) -> Result<f64, String> {
         }
         model = model.with(constraint!(e <= m));
     }
-    let sol = model.solve().map_err(|e| format!("minimum-memory ILP failed: {e}"))?;
+    let sol = model
+        .solve()
+        .map_err(|e| format!("minimum-memory ILP failed: {e}"))?;
     // recompute the peak of the chosen strategies exactly, in bytes
     let choice = |n: usize| -> usize {
-        x.get(&n).map_or(0, |xs| xs.iter().position(|v| sol.value(*v) > 0.5).unwrap_or(0))
+        x.get(&n).map_or(0, |xs| {
+            xs.iter().position(|v| sol.value(*v) > 0.5).unwrap_or(0)
+        })
     };
     let peak = p
         .memory_rows
         .iter()
-        .map(|r| r.constant + r.terms.iter().map(|(n, b)| b.get(choice(*n)).copied().unwrap_or(0.0)).sum::<f64>())
+        .map(|r| {
+            r.constant
+                + r.terms
+                    .iter()
+                    .map(|(n, b)| b.get(choice(*n)).copied().unwrap_or(0.0))
+                    .sum::<f64>()
+        })
         .fold(0.0, f64::max);
     Ok(peak)
 }
@@ -75,12 +93,32 @@ mod tests {
         // two nodes, two rows; the best mix puts row peaks at max(1+2, 1+3)=... see below
         let gib = GIB;
         let p = Problem {
-            nodes: vec![ProblemNode { name: "a".into(), costs: vec![0.0, 0.0] }, ProblemNode { name: "b".into(), costs: vec![0.0, 0.0] }],
+            nodes: vec![
+                ProblemNode {
+                    name: "a".into(),
+                    costs: vec![0.0, 0.0],
+                },
+                ProblemNode {
+                    name: "b".into(),
+                    costs: vec![0.0, 0.0],
+                },
+            ],
             edges: vec![],
             memory_budget: Some(gib),
             memory_rows: vec![
-                MemoryRow { label: "r0".into(), constant: gib, terms: vec![(0, vec![4.0 * gib, 1.0 * gib]), (1, vec![1.0 * gib, 3.0 * gib])] },
-                MemoryRow { label: "r1".into(), constant: 0.0, terms: vec![(0, vec![0.0, 2.0 * gib]), (1, vec![5.0 * gib, 0.0])] },
+                MemoryRow {
+                    label: "r0".into(),
+                    constant: gib,
+                    terms: vec![
+                        (0, vec![4.0 * gib, 1.0 * gib]),
+                        (1, vec![1.0 * gib, 3.0 * gib]),
+                    ],
+                },
+                MemoryRow {
+                    label: "r1".into(),
+                    constant: 0.0,
+                    terms: vec![(0, vec![0.0, 2.0 * gib]), (1, vec![5.0 * gib, 0.0])],
+                },
             ],
             overlap: None,
         };

@@ -114,24 +114,39 @@ impl Problem {
                 return Err(format!("edge {k} joins a missing node"));
             };
             if e.src_class.len() != s.costs.len() || e.dst_class.len() != d.costs.len() {
-                return Err(format!("edge {k} ({:?} -> {:?}) classes do not match the strategies", s.name, d.name));
+                return Err(format!(
+                    "edge {k} ({:?} -> {:?}) classes do not match the strategies",
+                    s.name, d.name
+                ));
             }
             let rows = e.cost.len();
             let cols = e.cost.first().map_or(0, |r| r.len());
-            if e.cost.iter().any(|r| r.len() != cols || r.iter().any(|c| !c.is_finite()))
+            if e.cost
+                .iter()
+                .any(|r| r.len() != cols || r.iter().any(|c| !c.is_finite()))
                 || e.src_class.iter().any(|&c| c >= rows)
                 || e.dst_class.iter().any(|&c| c >= cols)
             {
-                return Err(format!("edge {k} ({:?} -> {:?}) has a bad cost matrix", s.name, d.name));
+                return Err(format!(
+                    "edge {k} ({:?} -> {:?}) has a bad cost matrix",
+                    s.name, d.name
+                ));
             }
         }
         if let Some(o) = &self.overlap {
             let bad = o.node_hideable.len() != self.nodes.len()
                 || o.node_cover.len() != self.nodes.len()
                 || o.edge_hideable.len() != self.edges.len()
-                || self.nodes.iter().enumerate().any(|(i, n)| o.node_hideable[i].len() != n.costs.len() || o.node_cover[i].len() != n.costs.len())
+                || self.nodes.iter().enumerate().any(|(i, n)| {
+                    o.node_hideable[i].len() != n.costs.len()
+                        || o.node_cover[i].len() != n.costs.len()
+                })
                 || self.edges.iter().enumerate().any(|(k, e)| {
-                    o.edge_hideable[k].len() != e.cost.len() || o.edge_hideable[k].iter().zip(&e.cost).any(|(h, c)| h.len() != c.len())
+                    o.edge_hideable[k].len() != e.cost.len()
+                        || o.edge_hideable[k]
+                            .iter()
+                            .zip(&e.cost)
+                            .any(|(h, c)| h.len() != c.len())
                 });
             if bad {
                 return Err("overlap tables do not match the nodes and edges".into());
@@ -139,8 +154,15 @@ impl Problem {
         }
         for r in &self.memory_rows {
             for (n, bytes) in &r.terms {
-                if self.nodes.get(*n).is_none_or(|node| node.costs.len() != bytes.len()) {
-                    return Err(format!("memory row {:?} has a bad term for node {n}", r.label));
+                if self
+                    .nodes
+                    .get(*n)
+                    .is_none_or(|node| node.costs.len() != bytes.len())
+                {
+                    return Err(format!(
+                        "memory row {:?} has a bad term for node {n}",
+                        r.label
+                    ));
                 }
             }
         }
@@ -157,30 +179,66 @@ impl Problem {
 pub fn evaluate(p: &Problem, sol: &Solution) -> Evaluation {
     let mut violations = vec![];
     if sol.choice.len() != p.nodes.len() {
-        violations.push(format!("solution has {} choices for {} nodes", sol.choice.len(), p.nodes.len()));
-        return Evaluation { objective: f64::INFINITY, node_cost: f64::INFINITY, edge_cost: 0.0, hidden: 0.0, peak_memory: 0.0, violations };
+        violations.push(format!(
+            "solution has {} choices for {} nodes",
+            sol.choice.len(),
+            p.nodes.len()
+        ));
+        return Evaluation {
+            objective: f64::INFINITY,
+            node_cost: f64::INFINITY,
+            edge_cost: 0.0,
+            hidden: 0.0,
+            peak_memory: 0.0,
+            violations,
+        };
     }
     let mut node_cost = 0.0;
     for (i, (n, &s)) in p.nodes.iter().zip(&sol.choice).enumerate() {
         match n.costs.get(s) {
             Some(c) => node_cost += c,
-            None => violations.push(format!("node {i} {:?}: strategy {s} of {}", n.name, n.costs.len())),
+            None => violations.push(format!(
+                "node {i} {:?}: strategy {s} of {}",
+                n.name,
+                n.costs.len()
+            )),
         }
     }
     if !violations.is_empty() {
-        return Evaluation { objective: f64::INFINITY, node_cost, edge_cost: 0.0, hidden: 0.0, peak_memory: 0.0, violations };
+        return Evaluation {
+            objective: f64::INFINITY,
+            node_cost,
+            edge_cost: 0.0,
+            hidden: 0.0,
+            peak_memory: 0.0,
+            violations,
+        };
     }
-    let edge_cost: f64 = p.edges.iter().map(|e| p.edge_cost(e, sol.choice[e.src], sol.choice[e.dst])).sum();
+    let edge_cost: f64 = p
+        .edges
+        .iter()
+        .map(|e| p.edge_cost(e, sol.choice[e.src], sol.choice[e.dst]))
+        .sum();
     let hidden = match &p.overlap {
         None => 0.0,
         Some(o) => {
-            let h: f64 = o.node_hideable.iter().zip(&sol.choice).map(|(h, &s)| h[s]).sum::<f64>()
+            let h: f64 = o
+                .node_hideable
+                .iter()
+                .zip(&sol.choice)
+                .map(|(h, &s)| h[s])
+                .sum::<f64>()
                 + p.edges
                     .iter()
                     .zip(&o.edge_hideable)
                     .map(|(e, h)| h[e.src_class[sol.choice[e.src]]][e.dst_class[sol.choice[e.dst]]])
                     .sum::<f64>();
-            let c: f64 = o.node_cover.iter().zip(&sol.choice).map(|(c, &s)| c[s]).sum();
+            let c: f64 = o
+                .node_cover
+                .iter()
+                .zip(&sol.choice)
+                .map(|(c, &s)| c[s])
+                .sum();
             h.min(c).max(0.0)
         }
     };
@@ -190,11 +248,21 @@ pub fn evaluate(p: &Problem, sol: &Solution) -> Evaluation {
         peak_memory = peak_memory.max(bytes);
         if let Some(budget) = p.memory_budget {
             if bytes > budget * (1.0 + 1e-9) {
-                violations.push(format!("memory at {}: {bytes:.0} bytes > budget {budget:.0}", r.label));
+                violations.push(format!(
+                    "memory at {}: {bytes:.0} bytes > budget {budget:.0}",
+                    r.label
+                ));
             }
         }
     }
-    Evaluation { objective: node_cost + edge_cost - hidden, node_cost, edge_cost, hidden, peak_memory, violations }
+    Evaluation {
+        objective: node_cost + edge_cost - hidden,
+        node_cost,
+        edge_cost,
+        hidden,
+        peak_memory,
+        violations,
+    }
 }
 
 /// The optimum by enumeration, for tests on small problems (panics past 10^6 combinations).
@@ -204,9 +272,15 @@ pub fn brute_force(p: &Problem) -> Option<(Solution, Evaluation)> {
     let mut choice = vec![0; p.nodes.len()];
     let mut best: Option<(Solution, Evaluation)> = None;
     for _ in 0..total {
-        let sol = Solution { choice: choice.clone() };
+        let sol = Solution {
+            choice: choice.clone(),
+        };
         let ev = evaluate(p, &sol);
-        if ev.violations.is_empty() && best.as_ref().is_none_or(|(_, b)| ev.objective < b.objective - 1e-12) {
+        if ev.violations.is_empty()
+            && best
+                .as_ref()
+                .is_none_or(|(_, b)| ev.objective < b.objective - 1e-12)
+        {
             best = Some((sol, ev));
         }
         for (i, c) in choice.iter_mut().enumerate() {

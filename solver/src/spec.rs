@@ -23,14 +23,21 @@ pub struct ShardingSpec {
 impl ShardingSpec {
     /// Fully replicated, no partial sum.
     pub fn replicated(rank: usize) -> Self {
-        ShardingSpec { dims: vec![vec![]; rank], partial: vec![] }
+        ShardingSpec {
+            dims: vec![vec![]; rank],
+            partial: vec![],
+        }
     }
     pub fn rank(&self) -> usize {
         self.dims.len()
     }
     /// Mesh axes used (by a dim or as partial), in no particular order.
     pub fn used_axes(&self) -> impl Iterator<Item = MeshAxis> + '_ {
-        self.dims.iter().flatten().copied().chain(self.partial.iter().copied())
+        self.dims
+            .iter()
+            .flatten()
+            .copied()
+            .chain(self.partial.iter().copied())
     }
     /// The dim split over mesh axis `a`, if any.
     pub fn dim_of_axis(&self, a: MeshAxis) -> Option<usize> {
@@ -41,7 +48,10 @@ impl ShardingSpec {
     }
     /// The same layout with no pending partial sum.
     pub fn without_partial(&self) -> Self {
-        ShardingSpec { dims: self.dims.clone(), partial: vec![] }
+        ShardingSpec {
+            dims: self.dims.clone(),
+            partial: vec![],
+        }
     }
     /// Number of parts dim `d` is split into.
     pub fn dim_parts(&self, d: usize, mesh: &Mesh) -> usize {
@@ -71,7 +81,11 @@ impl ShardingSpec {
     }
     /// The shape each device holds.
     pub fn local_shape(&self, shape: &[usize], mesh: &Mesh) -> Vec<usize> {
-        shape.iter().enumerate().map(|(d, &n)| n / self.dim_parts(d, mesh).max(1)).collect()
+        shape
+            .iter()
+            .enumerate()
+            .map(|(d, &n)| n / self.dim_parts(d, mesh).max(1))
+            .collect()
     }
     /// Elements each device holds.
     pub fn local_numel(&self, shape: &[usize], mesh: &Mesh) -> usize {
@@ -112,7 +126,11 @@ impl std::str::FromStr for ShardingSpec {
             Some((b, p)) => (b, p),
             None => (s, ""),
         };
-        let digit = |c: char| c.to_digit(10).map(|d| d as usize).ok_or_else(|| format!("bad spec {s:?}"));
+        let digit = |c: char| {
+            c.to_digit(10)
+                .map(|d| d as usize)
+                .ok_or_else(|| format!("bad spec {s:?}"))
+        };
         let mut partial: Vec<MeshAxis> = partial.chars().map(digit).collect::<Result<_, _>>()?;
         partial.sort_unstable();
         let mut dims: Vec<Vec<MeshAxis>> = vec![];
@@ -148,7 +166,10 @@ mod tests {
 
     #[test]
     fn validity_and_local_shapes() {
-        let mesh = Mesh { shape: vec![2, 4], links: vec![] };
+        let mesh = Mesh {
+            shape: vec![2, 4],
+            links: vec![],
+        };
         let s: ShardingSpec = "S01R".parse().expect("spec");
         assert!(s.is_valid(&[16, 3], &mesh));
         assert!(!s.is_valid(&[12, 3], &mesh), "12 does not split 8 ways");

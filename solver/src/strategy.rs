@@ -74,7 +74,12 @@ fn spec_for(dims: &[Option<usize>], assignment: &[Option<usize>]) -> ShardingSpe
         dims: dims
             .iter()
             .map(|ax| match ax {
-                Some(a) => assignment.iter().enumerate().filter(|(_, x)| **x == Some(*a)).map(|(m, _)| m).collect(),
+                Some(a) => assignment
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| **x == Some(*a))
+                    .map(|(m, _)| m)
+                    .collect(),
                 None => vec![],
             })
             .collect(),
@@ -106,7 +111,9 @@ fn resolutions(raw: &ShardingSpec, shape: &[usize], mesh: &Mesh) -> Vec<Sharding
 /// Enumerates the strategies of an op with `axes` whose outputs have `output_shapes`, on
 /// `mesh`. Always contains the fully replicated strategy first.
 pub fn enumerate(op: &OpAxes, output_shapes: &[Vec<usize>], mesh: &Mesh) -> Vec<Strategy> {
-    let splittable: Vec<usize> = (0..op.axes.len()).filter(|&a| op.axes[a].1 != AxisKind::Whole && op.axes[a].0 > 1).collect();
+    let splittable: Vec<usize> = (0..op.axes.len())
+        .filter(|&a| op.axes[a].1 != AxisKind::Whole && op.axes[a].0 > 1)
+        .collect();
     let mut assignments: Vec<Vec<Option<usize>>> = vec![vec![]];
     for m in 0..mesh.ndim() {
         let mut next = vec![];
@@ -118,7 +125,12 @@ pub fn enumerate(op: &OpAxes, output_shapes: &[Vec<usize>], mesh: &Mesh) -> Vec<
                 continue;
             }
             for &a in &splittable {
-                let parts: usize = asg.iter().enumerate().filter(|(_, x)| **x == Some(a)).map(|(mm, _)| mesh.axis_size(mm)).product::<usize>()
+                let parts: usize = asg
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| **x == Some(a))
+                    .map(|(mm, _)| mesh.axis_size(mm))
+                    .product::<usize>()
                     * mesh.axis_size(m);
                 if op.axes[a].0 % parts == 0 {
                     let mut s = asg.clone();
@@ -140,7 +152,11 @@ pub fn enumerate(op: &OpAxes, output_shapes: &[Vec<usize>], mesh: &Mesh) -> Vec<
             .map(|d| {
                 let mut s = spec_for(d, &asg);
                 s.partial = (0..asg.len())
-                    .filter(|&m| asg[m].is_some_and(|a| op.axes[a].1 == AxisKind::Contracted && !d.contains(&Some(a))))
+                    .filter(|&m| {
+                        asg[m].is_some_and(|a| {
+                            op.axes[a].1 == AxisKind::Contracted && !d.contains(&Some(a))
+                        })
+                    })
                     .collect();
                 s
             })
@@ -148,17 +164,37 @@ pub fn enumerate(op: &OpAxes, output_shapes: &[Vec<usize>], mesh: &Mesh) -> Vec<
         let input_grad_partial: Vec<Vec<MeshAxis>> = op
             .inputs
             .iter()
-            .map(|dims| (0..asg.len()).filter(|&m| asg[m].is_some_and(|a| !dims.contains(&Some(a)))).collect())
+            .map(|dims| {
+                (0..asg.len())
+                    .filter(|&m| asg[m].is_some_and(|a| !dims.contains(&Some(a))))
+                    .collect()
+            })
             .collect();
-        let statistics_axes: Vec<MeshAxis> =
-            (0..asg.len()).filter(|&m| asg[m].is_some_and(|a| op.axes[a].1 == AxisKind::Statistics)).collect();
-        let work_divisor = asg.iter().enumerate().filter(|(_, a)| a.is_some()).map(|(m, _)| mesh.axis_size(m)).product();
+        let statistics_axes: Vec<MeshAxis> = (0..asg.len())
+            .filter(|&m| asg[m].is_some_and(|a| op.axes[a].1 == AxisKind::Statistics))
+            .collect();
+        let work_divisor = asg
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.is_some())
+            .map(|(m, _)| mesh.axis_size(m))
+            .product();
         // resolve each output's partial sums; outputs resolve independently
-        let per_output: Vec<Vec<ShardingSpec>> =
-            raw_outputs.iter().zip(output_shapes).map(|(r, shape)| resolutions(r, shape, mesh)).collect();
+        let per_output: Vec<Vec<ShardingSpec>> = raw_outputs
+            .iter()
+            .zip(output_shapes)
+            .map(|(r, shape)| resolutions(r, shape, mesh))
+            .collect();
         let mut combos: Vec<Vec<ShardingSpec>> = vec![vec![]];
         for options in &per_output {
-            combos = combos.iter().flat_map(|c| options.iter().map(move |o| [c.clone(), vec![o.clone()]].concat())).collect();
+            combos = combos
+                .iter()
+                .flat_map(|c| {
+                    options
+                        .iter()
+                        .map(move |o| [c.clone(), vec![o.clone()]].concat())
+                })
+                .collect();
         }
         for outputs in combos {
             out.push(Strategy {
@@ -204,14 +240,22 @@ mod tests {
     use super::*;
 
     fn mesh(shape: &[usize]) -> Mesh {
-        Mesh { shape: shape.to_vec(), links: vec![] }
+        Mesh {
+            shape: shape.to_vec(),
+            links: vec![],
+        }
     }
 
     /// `bmk,kn->bmn` with b=8, m=4, k=6, n=12.
     fn matmul() -> OpAxes {
         use AxisKind::*;
         OpAxes {
-            axes: vec![(8, Parallel), (4, Parallel), (6, Contracted), (12, Parallel)],
+            axes: vec![
+                (8, Parallel),
+                (4, Parallel),
+                (6, Contracted),
+                (12, Parallel),
+            ],
             inputs: vec![vec![Some(0), Some(1), Some(2)], vec![Some(2), Some(3)]],
             outputs: vec![vec![Some(0), Some(1), Some(3)]],
         }
@@ -247,7 +291,11 @@ mod tests {
     fn divisibility_is_respected() {
         // 12 heads do not split 8 ways: on 2x4 no strategy puts both axes on the 12-axis
         use AxisKind::*;
-        let op = OpAxes { axes: vec![(12, Parallel)], inputs: vec![vec![Some(0)]], outputs: vec![vec![Some(0)]] };
+        let op = OpAxes {
+            axes: vec![(12, Parallel)],
+            inputs: vec![vec![Some(0)]],
+            outputs: vec![vec![Some(0)]],
+        };
         let s = enumerate(&op, &[vec![12]], &mesh(&[2, 4]));
         let notes: Vec<String> = s.iter().map(|s| s.notation()).collect();
         assert_eq!(notes, vec!["R = R", "S1 = S1", "S0 = S0"]);
@@ -255,7 +303,13 @@ mod tests {
 
     #[test]
     fn storage_layouts() {
-        let specs: Vec<String> = storage_specs(&[4, 6], &mesh(&[2, 2])).iter().map(|s| s.to_string()).collect();
-        assert_eq!(specs, vec!["RR", "S1R", "RS1", "S0R", "S01R", "S0S1", "RS0", "S1S0"]);
+        let specs: Vec<String> = storage_specs(&[4, 6], &mesh(&[2, 2]))
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            specs,
+            vec!["RR", "S1R", "RS1", "S0R", "S01R", "S0S1", "RS0", "S1S0"]
+        );
     }
 }
