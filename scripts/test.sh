@@ -25,6 +25,6 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo nextest run --workspace --no-fail-fast
-# doctests (nextest does not run them)
+# doctests first (nextest does not run them), so that nextest's summary closes the log
 cargo test --workspace --doc
+cargo nextest run --workspace --no-fail-fast

@@ -89,6 +89,10 @@ struct PlanArgs {
     /// Write the full plan (versioned JSON) to this file.
     #[arg(short = 'o', long = "output")]
     output: Option<std::path::PathBuf>,
+    /// Write the solver's input problem (plain numbers, a label per strategy) and its solution
+    /// as JSON, for debugging the solver apart from the graph.
+    #[arg(long = "dump-problem")]
+    dump_problem: Option<std::path::PathBuf>,
 }
 
 /// How a model is chosen and shaped (shared by the commands that load one).
@@ -301,6 +305,7 @@ fn plan_options(a: &PlanArgs) -> Result<autopar::planner::PlanOptions> {
     po.share_layers = !a.no_share_layers;
     po.policy = policy_of(a.dtype);
     po.optimizer = optimizer_of(a.optimizer);
+    po.dump_problem = a.dump_problem.clone();
     Ok(po)
 }
 

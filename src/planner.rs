@@ -110,6 +110,9 @@ pub struct PlanOptions {
     pub optimizer: Optimizer,
     /// Liveness points checked by memory rows.
     pub memory_rows: usize,
+    /// Write the solver's input (the `Problem`, with a label per strategy) and its solution to
+    /// this file as JSON: for debugging the solver apart from the graph.
+    pub dump_problem: Option<std::path::PathBuf>,
 }
 
 impl PlanOptions {
@@ -126,6 +129,7 @@ impl PlanOptions {
             policy: DTypePolicy::Fp32,
             optimizer: Optimizer::AdamW,
             memory_rows: 4,
+            dump_problem: None,
         }
     }
 }
@@ -630,6 +634,22 @@ pub fn plan(
         }
         Err(e) => return Err(Error::Usage(e.to_string())),
     };
+    if let Some(path) = &opts.dump_problem {
+        let labels: Vec<Vec<String>> = b
+            .decisions
+            .iter()
+            .map(|d| match d {
+                Decision::Op { strategies, .. } => strategies
+                    .iter()
+                    .map(|s| format!("{} {:?}", s.notation(), s.assignment))
+                    .collect(),
+                Decision::Tensor { specs, .. } => specs.iter().map(|s| s.to_string()).collect(),
+            })
+            .collect();
+        let dump = serde_json::json!({ "problem": problem.problem, "labels": labels, "solution": result.solution });
+        std::fs::write(path, dump.to_string())
+            .map_err(|e| Error::Usage(format!("writing {}: {e}", path.display())))?;
+    }
     let mut plan = read_plan(&b, &problem, &result.solution, model)?;
     plan.solver = SolverReport {
         backend: format!("{:?}", opts.backend).to_lowercase(),
@@ -676,19 +696,7 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
     let reshard_err = |e: autopar_solver::reshard::ReshardError| {
         Error::Usage(format!("internal resharding error: {e}"))
     };
-    let node_time = |n: NodeId| -> f64 {
-        let row = &b.profile.nodes[n.0 as usize];
-        let f = Cost {
-            flops: row.flops,
-            matmul_flops: row.matmul_flops,
-            bytes_read: row.bytes_read,
-            bytes_written: row.bytes_written,
-        };
-        compute_seconds(&f, b.cluster, b.opts.policy)
-            + row
-                .backward
-                .map_or(0.0, |c| compute_seconds(&c, b.cluster, b.opts.policy))
-    };
+    let node_time = |n: NodeId| b.node_seconds(n);
 
     // node costs
     let per_elem = param_bytes_per_element(b.opts.optimizer, b.opts.policy);
@@ -1188,6 +1196,21 @@ fn memory_rows(b: &Builder) -> (Vec<MemoryRow>, Option<f64>) {
 }
 
 impl Builder<'_> {
+    /// Forward plus backward compute seconds of forward node `n` on one device, unsharded.
+    fn node_seconds(&self, n: NodeId) -> f64 {
+        let row = &self.profile.nodes[n.0 as usize];
+        let f = Cost {
+            flops: row.flops,
+            matmul_flops: row.matmul_flops,
+            bytes_read: row.bytes_read,
+            bytes_written: row.bytes_written,
+        };
+        compute_seconds(&f, self.cluster, self.opts.policy)
+            + row
+                .backward
+                .map_or(0.0, |c| compute_seconds(&c, self.cluster, self.opts.policy))
+    }
+
     /// The spec of operand `x` (an input or output of forward node `n`) under strategy `st`
     /// of `n`'s decision (index `s`).
     fn spec_of_operand(&self, n: NodeId, x: ValueId, s: usize, st: &Strategy) -> ShardingSpec {
@@ -1222,17 +1245,7 @@ fn read_plan(b: &Builder, built: &Built, sol: &Solution, model: &str) -> Result<
             continue;
         };
         let st = &strategies[s];
-        let row = &b.profile.nodes[n.0 as usize];
-        let cost = Cost {
-            flops: row.flops,
-            matmul_flops: row.matmul_flops,
-            bytes_read: row.bytes_read,
-            bytes_written: row.bytes_written,
-        };
-        let t = compute_seconds(&cost, b.cluster, b.opts.policy)
-            + row
-                .backward
-                .map_or(0.0, |c| compute_seconds(&c, b.cluster, b.opts.policy));
+        let t = b.node_seconds(n);
         if r == n {
             nodes.push(PlanNode {
                 node: n.0,

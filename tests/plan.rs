@@ -89,14 +89,19 @@ fn gpt2_xl_in_16_gib_needs_sharding() {
     );
 }
 
+/// Every built-in model (sequence shortened to keep the test quick) on every mesh of the issue.
 #[test]
 fn auto_is_never_worse_than_the_hand_written_families() {
     let cases: &[(&str, &[(&str, &str)])] = &[
         ("mlp", &[]),
         ("gpt2", &[("batch", "8"), ("seq", "512")]),
         ("gpt2-medium", &[("batch", "8"), ("seq", "512")]),
+        ("gpt2-large", &[("batch", "8"), ("seq", "512")]),
+        ("gpt2-xl", &[("batch", "8"), ("seq", "512")]),
         ("llama-1b", &[("batch", "8"), ("seq", "512")]),
+        ("llama-8b", &[("batch", "8"), ("seq", "512")]),
         ("bert-base", &[]),
+        ("bert-large", &[]),
         ("vit-b16", &[]),
         ("resnet18", &[]),
         ("resnet50", &[]),
