@@ -622,8 +622,11 @@ pub fn plan(
     let result = match ilp::solve(&problem.problem, &solve_opts) {
         Ok(r) => r,
         Err(ilp::SolveError::Infeasible { .. }) => {
-            let min = autopar_solver::min_memory::min_peak_memory(&problem.problem)
-                .map_err(Error::Usage)?;
+            let min = autopar_solver::min_memory::min_peak_memory(
+                &problem.problem,
+                Some(opts.time_limit_s.unwrap_or(60.0)),
+            )
+            .map_err(Error::Usage)?;
             return Err(Error::Usage(format!(
                 "no {} plan of {model} on mesh {} fits {:.2} GiB per device: the smallest per-device memory any such plan needs is {:.2} GiB",
                 opts.family.name(),

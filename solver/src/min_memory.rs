@@ -21,7 +21,9 @@ use std::collections::BTreeMap;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// Smallest peak over the memory rows of `p` that any choice of strategies reaches, bytes.
-pub fn min_peak_memory(p: &Problem) -> Result<f64, String> {
+/// With `time_limit_s`, CBC stops there and the best peak found so far is returned (then it
+/// may lie above the true minimum; it is always a peak some plan reaches).
+pub fn min_peak_memory(p: &Problem, time_limit_s: Option<f64>) -> Result<f64, String> {
     if p.memory_rows.is_empty() {
         return Ok(0.0);
     }
@@ -42,6 +44,9 @@ pub fn min_peak_memory(p: &Problem) -> Result<f64, String> {
     let m = vars.add(variable().min(0.0));
     let mut model = vars.minimise(m).using(default_solver);
     model.set_parameter("log", "0");
+    if let Some(t) = time_limit_s {
+        model.set_parameter("sec", &format!("{t}"));
+    }
     for xs in x.values() {
         let sum: Expression = xs.iter().copied().sum();
         model = model.with(constraint!(sum == 1.0));
@@ -123,7 +128,7 @@ mod tests {
             overlap: None,
         };
         // choices: (0,0): r0=6, r1=5 -> 6; (0,1): r0=8, r1=0 -> 8; (1,0): r0=3, r1=7 -> 7; (1,1): r0=5, r1=2 -> 5
-        let m = min_peak_memory(&p).expect("solves");
+        let m = min_peak_memory(&p, Some(10.0)).expect("solves");
         assert!((m - 5.0 * gib).abs() < 1.0, "{m}");
     }
 }
