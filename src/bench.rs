@@ -93,11 +93,13 @@ fn mesh_name(m: &[usize]) -> String {
 }
 
 /// Runs one case. `unshared_limit_s`: time limit of the ILP without layer sharing (skipped
-/// when `None`).
+/// when `None`, or when the training graph has more than `unshared_max_nodes` nodes: without
+/// sharing, building the ILP of the largest models alone takes minutes).
 pub fn run_case(
     case: &Case,
     cluster: &Cluster,
     unshared_limit_s: Option<f64>,
+    unshared_max_nodes: usize,
 ) -> Result<Row, crate::Error> {
     let mut opts = LoadOptions::default();
     for (k, v) in case.sets {
@@ -112,12 +114,14 @@ pub fn run_case(
     po.policy = DTypePolicy::Bf16Mixed;
     let auto = crate::planner::plan(case.model, &tg, &profile, &po).map_err(|e| e.to_string());
     let end_to_end_s = t0.elapsed().as_secs_f64();
-    let unshared = unshared_limit_s.map(|limit| {
-        let mut p = po.clone();
-        p.share_layers = false;
-        p.time_limit_s = Some(limit);
-        crate::planner::plan(case.model, &tg, &profile, &p).map_err(|e| e.to_string())
-    });
+    let unshared = unshared_limit_s
+        .filter(|_| tg.graph.nodes.len() <= unshared_max_nodes)
+        .map(|limit| {
+            let mut p = po.clone();
+            p.share_layers = false;
+            p.time_limit_s = Some(limit);
+            crate::planner::plan(case.model, &tg, &profile, &p).map_err(|e| e.to_string())
+        });
     let families = [Family::Dp, Family::Tp, Family::Fsdp]
         .into_iter()
         .map(|f| {

@@ -46,6 +46,9 @@ struct BenchSolverArgs {
     /// Also solve without layer sharing, with this ILP time limit in seconds (0: skip).
     #[arg(long = "unshared-time-limit", default_value_t = 60.0)]
     unshared_time_limit: f64,
+    /// Skip the unshared comparison for training graphs with more nodes than this.
+    #[arg(long = "unshared-max-nodes", default_value_t = 2500)]
+    unshared_max_nodes: usize,
     /// Only the cases whose model name contains this text.
     #[arg(long)]
     only: Option<String>,
@@ -458,7 +461,12 @@ fn bench_solver(a: &BenchSolverArgs) -> Result<()> {
         .filter(|c| a.only.as_deref().is_none_or(|o| c.model.contains(o)))
     {
         eprintln!("{} on {:?}...", case.model, case.mesh);
-        rows.push(autopar::bench::run_case(case, &cluster, unshared)?);
+        rows.push(autopar::bench::run_case(
+            case,
+            &cluster,
+            unshared,
+            a.unshared_max_nodes,
+        )?);
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let mut md = autopar::bench::report(&rows, &cluster, &command);
