@@ -107,6 +107,36 @@ impl DimMap {
         }
     }
 
+    /// The map of a one-input op that rewrites some dims in place (slice, pad, tile): a dim
+    /// whose size it keeps is one parallel axis; a dim it resizes is a whole axis on each side.
+    pub fn same_size_dims_parallel(x: &TensorType, y: &TensorType) -> DimMap {
+        let mut axes = vec![];
+        let (mut ins, mut outs) = (vec![], vec![]);
+        for (&a, &b) in x.shape.iter().zip(&y.shape) {
+            if a == b {
+                axes.push(Axis {
+                    size: a,
+                    kind: AxisKind::Parallel,
+                });
+                ins.push(Some(axes.len() - 1));
+                outs.push(Some(axes.len() - 1));
+            } else {
+                for (size, side) in [(a, &mut ins), (b, &mut outs)] {
+                    axes.push(Axis {
+                        size,
+                        kind: AxisKind::Whole,
+                    });
+                    side.push(Some(axes.len() - 1));
+                }
+            }
+        }
+        DimMap {
+            axes,
+            inputs: vec![ins],
+            outputs: vec![outs],
+        }
+    }
+
     /// Builds a map from an einsum-like spec: `"bmk,kn->bmn"` with an axis kind per letter
     /// (letters missing from `kinds` are `Parallel` if they reach an output, else `Contracted`);
     /// `_` marks a dim tied to no axis. Panics only on a malformed literal spec (programmer error).

@@ -95,31 +95,7 @@ impl OpSpec for Slice {
         if self.plan(&x.shape).is_err() || x.rank() != y.rank() {
             return DimMap::opaque(inputs, outputs);
         }
-        let mut axes = vec![];
-        let (mut ins, mut outs) = (vec![], vec![]);
-        for (&a, &b) in x.shape.iter().zip(&y.shape) {
-            if a == b {
-                axes.push(Axis {
-                    size: a,
-                    kind: AxisKind::Parallel,
-                });
-                ins.push(Some(axes.len() - 1));
-                outs.push(Some(axes.len() - 1));
-            } else {
-                for (size, side) in [(a, &mut ins), (b, &mut outs)] {
-                    axes.push(Axis {
-                        size,
-                        kind: AxisKind::Whole,
-                    });
-                    side.push(Some(axes.len() - 1));
-                }
-            }
-        }
-        DimMap {
-            axes,
-            inputs: vec![ins],
-            outputs: vec![outs],
-        }
+        DimMap::same_size_dims_parallel(x, y)
     }
 
     fn cost(&self, _inputs: &[&TensorType], outputs: &[&TensorType]) -> Cost {

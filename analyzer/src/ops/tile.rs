@@ -47,31 +47,7 @@ impl OpSpec for Tile {
         if self.infer(inputs).is_err() || y.rank() != x.rank() {
             return DimMap::opaque(inputs, outputs);
         }
-        let mut axes = vec![];
-        let (mut ins, mut outs) = (vec![], vec![]);
-        for (d, (&a, &b)) in x.shape.iter().zip(&y.shape).enumerate() {
-            if self.repeats[d] == 1 {
-                axes.push(Axis {
-                    size: a,
-                    kind: AxisKind::Parallel,
-                });
-                ins.push(Some(axes.len() - 1));
-                outs.push(Some(axes.len() - 1));
-            } else {
-                for (size, side) in [(a, &mut ins), (b, &mut outs)] {
-                    axes.push(Axis {
-                        size,
-                        kind: AxisKind::Whole,
-                    });
-                    side.push(Some(axes.len() - 1));
-                }
-            }
-        }
-        DimMap {
-            axes,
-            inputs: vec![ins],
-            outputs: vec![outs],
-        }
+        DimMap::same_size_dims_parallel(x, y)
     }
 
     fn cost(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> Cost {
