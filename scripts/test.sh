@@ -19,12 +19,24 @@ if ! pkg-config --exists cbc 2>/dev/null; then
     exit 1
   fi
 fi
+# HiGHS, the second ILP backend (cargo feature `highs`), is compiled from source: cmake, libclang
+if ! command -v cmake >/dev/null 2>&1 || ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake libclang-dev >/dev/null
+  else
+    echo "cmake and libclang are needed to build HiGHS (feature highs)" >&2
+    exit 1
+  fi
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-# doctests first (nextest does not run them), so that nextest's summary closes the log
+# doctests and the HiGHS backend's solver tests first, so that the workspace summary closes the log
 cargo test --workspace --doc
+cargo nextest run -p autopar-solver --features highs --no-fail-fast
 cargo nextest run --workspace --no-fail-fast
