@@ -231,7 +231,8 @@ fn op_axes(g: &Graph, n: NodeId) -> OpAxes {
     }
 }
 
-/// `h.3.attn` -> `h.#.attn` and the layer index text `3`; `None` without a `.N` segment.
+/// `h.3.attn` -> `h.#.attn` and the layer index text `3`; `None` without a layer segment
+/// (`.N`, or `_N` followed by a separator).
 fn layer_pattern(name: &str) -> Option<(String, String)> {
     let bytes = name.as_bytes();
     let mut out = String::new();
@@ -240,13 +241,20 @@ fn layer_pattern(name: &str) -> Option<(String, String)> {
     let mut found = false;
     while i < bytes.len() {
         let c = bytes[i] as char;
-        if c == '.' && i + 1 < bytes.len() && bytes[i + 1].is_ascii_digit() {
+        if (c == '.' || c == '_') && i + 1 < bytes.len() && bytes[i + 1].is_ascii_digit() {
             let mut j = i + 1;
             while j < bytes.len() && bytes[j].is_ascii_digit() {
                 j += 1;
             }
-            if j == bytes.len() || matches!(bytes[j], b'.' | b'/' | b':') {
-                out.push_str(".#");
+            // `h.3`, `layers.3.`, `encoder_layer_3.`; not an exporter's counter (`node_Gemm_12`)
+            let segment_end = if c == '.' {
+                j == bytes.len() || matches!(bytes[j], b'.' | b'/' | b':')
+            } else {
+                j < bytes.len() && matches!(bytes[j], b'.' | b'/')
+            };
+            if segment_end {
+                out.push(c);
+                out.push('#');
                 layer.push_str(&name[i + 1..j]);
                 layer.push(',');
                 found = true;
@@ -1427,4 +1435,27 @@ fn push_steps(
         cur = step.after;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layer_pattern;
+
+    #[test]
+    fn layer_segments() {
+        assert_eq!(
+            layer_pattern("h.3.attn.c_attn"),
+            Some(("h.#.attn.c_attn".into(), "3,".into()))
+        );
+        assert_eq!(
+            layer_pattern("/transformer/h.11/attn/Gemm"),
+            Some(("/transformer/h.#/attn/Gemm".into(), "11,".into()))
+        );
+        assert_eq!(
+            layer_pattern("encoder.layers.encoder_layer_7.mlp.0"),
+            Some(("encoder.layers.encoder_layer_#.mlp.#".into(), "7,0,".into()))
+        );
+        assert_eq!(layer_pattern("node_Gemm_12"), None);
+        assert_eq!(layer_pattern("wte"), None);
+    }
 }
