@@ -1,1 +1,8 @@
-//! tch runtime (issue 4). Not yet implemented.
+//! Runtime for autopar's per-rank SPMD programs (issue 4).
+//!
+//! The generator emits one program per rank; executing it needs two things: tensor kernels
+//! (the tch runtime, to come) and collectives between ranks. This crate starts with the
+//! collectives, [`comm`], because their semantics (groups along mesh axes, failure that never
+//! hangs) are shared by the in-process test backend and the NCCL backend.
+
+pub mod comm;
