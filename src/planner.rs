@@ -59,8 +59,9 @@ pub enum Family {
     /// replicated (gradients all-reduced).
     Dp,
     /// Megatron-style tensor parallel on the last mesh axis, data parallel on the others:
-    /// the best such plan (the ILP places the tensor-parallel splits), parameters replicated
-    /// over the data-parallel axes.
+    /// the tensor-parallel axis may split weights, heads and features but never the batch or
+    /// the token sequence; the ILP places the splits (column / row parallel) at least cost;
+    /// parameters are replicated over the data-parallel axes.
     Tp,
     /// Fully sharded data parallel: data parallel compute, parameters stored sharded over all
     /// mesh axes (all-gathered before use, gradients reduce-scattered).
@@ -203,6 +204,8 @@ struct Builder<'a> {
     needs_grad: Vec<bool>,
     /// Per forward node: op axis of the data batch, if any.
     batch_axis: Vec<Option<usize>>,
+    /// Per forward node: op axis of the token sequence, if any.
+    sequence_axis: Vec<Option<usize>>,
     /// Per (value, dim): dims carrying the data batch.
     batch_dim: Vec<Option<usize>>,
 }
@@ -373,10 +376,11 @@ impl<'a> Builder<'a> {
             Family::Dp | Family::Fsdp => dp_axes_ok(0..self.mesh.ndim()),
             Family::Tp => {
                 dp_axes_ok(0..last)
-                    // the tensor-parallel axis splits anything but the batch
-                    && match (batch, s.assignment.get(last).copied().flatten()) {
-                        (Some(b), Some(a)) => a != b,
-                        _ => true,
+                    // the tensor-parallel axis splits weights, heads or features: never the
+                    // batch, nor the sequence (that would be sequence parallelism)
+                    && match s.assignment.get(last).copied().flatten() {
+                        Some(a) => Some(a) != batch && Some(a) != self.sequence_axis[n.0 as usize],
+                        None => true,
                     }
             }
         }
@@ -415,21 +419,25 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// Finds the data-batch dim of every value and the batch axis of every forward node, by
-/// propagating dim 0 of the data inputs through each op's dim map.
-fn propagate_batch(g: &Graph, forward_nodes: usize) -> (Vec<Option<usize>>, Vec<Option<usize>>) {
-    let mut batch_dim: Vec<Option<usize>> = vec![None; g.values.len()];
-    for &v in &g.inputs {
-        if g.ty(v).rank() >= 1 {
-            batch_dim[v.0 as usize] = Some(0);
-        }
+/// Follows dims of the graph inputs through every forward node's dim map: starting from the
+/// `seeds` (input value, dim), the op axis each forward node carries them on and the dim of
+/// each value that carries them. Used for the data batch (dim 0 of every input) and the token
+/// sequence (dim 1 of integer token inputs).
+fn propagate_dim(
+    g: &Graph,
+    forward_nodes: usize,
+    seeds: &[(ValueId, usize)],
+) -> (Vec<Option<usize>>, Vec<Option<usize>>) {
+    let mut value_dim: Vec<Option<usize>> = vec![None; g.values.len()];
+    for &(v, d) in seeds {
+        value_dim[v.0 as usize] = Some(d);
     }
-    let mut batch_axis = vec![None; g.nodes.len()];
+    let mut node_axis = vec![None; g.nodes.len()];
     for (n, node) in g.nodes.iter().take(forward_nodes) {
         let axes = op_axes(g, n);
         let mut axis = None;
         for (i, &v) in node.inputs.iter().enumerate() {
-            if let Some(d) = batch_dim[v.0 as usize] {
+            if let Some(d) = value_dim[v.0 as usize] {
                 if let Some(Some(a)) = axes.inputs.get(i).and_then(|dims| dims.get(d)) {
                     if axes.axes[*a].1 != AxisKind::Whole {
                         axis = Some(*a);
@@ -438,14 +446,14 @@ fn propagate_batch(g: &Graph, forward_nodes: usize) -> (Vec<Option<usize>>, Vec<
                 }
             }
         }
-        batch_axis[n.0 as usize] = axis;
+        node_axis[n.0 as usize] = axis;
         if let Some(a) = axis {
             for (o, &v) in node.outputs.iter().enumerate() {
-                batch_dim[v.0 as usize] = axes.outputs[o].iter().position(|x| *x == Some(a));
+                value_dim[v.0 as usize] = axes.outputs[o].iter().position(|x| *x == Some(a));
             }
         }
     }
-    (batch_axis, batch_dim)
+    (node_axis, value_dim)
 }
 
 /// Plans `tg` (see the module doc).
@@ -462,7 +470,20 @@ pub fn plan(
     let mesh = Mesh::on_cluster(opts.mesh_shape.clone(), cluster, gpn)
         .map_err(|e| Error::Usage(e.to_string()))?;
     let fwd = tg.forward_nodes;
-    let (batch_axis, batch_dim) = propagate_batch(g, fwd);
+    let batch_seeds: Vec<(ValueId, usize)> = g
+        .inputs
+        .iter()
+        .filter(|&&v| g.ty(v).rank() >= 1)
+        .map(|&v| (v, 0))
+        .collect();
+    let (batch_axis, batch_dim) = propagate_dim(g, fwd, &batch_seeds);
+    let token_seeds: Vec<(ValueId, usize)> = g
+        .inputs
+        .iter()
+        .filter(|&&v| g.ty(v).rank() >= 2 && g.ty(v).dtype.is_int())
+        .map(|&v| (v, 1))
+        .collect();
+    let (sequence_axis, _) = propagate_dim(g, fwd, &token_seeds);
 
     // needs_grad: values on a path from a parameter
     let mut needs_grad = vec![false; g.values.len()];
@@ -496,6 +517,7 @@ pub fn plan(
         copies: vec![],
         needs_grad,
         batch_axis,
+        sequence_axis,
         batch_dim,
     };
 

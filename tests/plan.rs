@@ -192,3 +192,55 @@ fn plan_json_round_trips() {
     let back: Plan = serde_json::from_str(&text).expect("parses");
     assert_eq!(back, p);
 }
+
+#[test]
+fn tp_is_megatron_style_tensor_parallel() {
+    // mesh 2x2: data parallel on axis 0, tensor parallel on axis 1
+    let p = plan(
+        "gpt2",
+        &[("batch", "8"), ("seq", "256")],
+        &[2, 2],
+        Family::Tp,
+        None,
+    )
+    .expect("plans");
+    let node = |name: &str| {
+        p.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    };
+    // the QKV projection is column parallel: its weight split on the output features over axis 1
+    let c_attn = node("h.0.attn.c_attn");
+    assert_eq!(
+        c_attn.inputs[1].dims,
+        vec![vec![], vec![1]],
+        "{}",
+        c_attn.notation
+    );
+    // attention is split by heads over axis 1, the batch over axis 0
+    let scores = node("h.0.attn.scores");
+    assert!(
+        scores.outputs[0].dims.iter().any(|d| d == &vec![1]),
+        "{}",
+        scores.notation
+    );
+    assert_eq!(scores.outputs[0].dims[0], vec![0], "{}", scores.notation);
+    // no op splits the batch or the sequence over the tensor-parallel axis
+    for n in p.nodes.iter().filter(|n| n.op == "einsum") {
+        assert!(
+            !n.outputs[0].dims[0].contains(&1),
+            "{} splits the batch over axis 1: {}",
+            n.name,
+            n.notation
+        );
+        if n.outputs[0].dims.len() == 3 {
+            assert!(
+                n.outputs[0].dims[1].is_empty(),
+                "{} splits the sequence: {}",
+                n.name,
+                n.notation
+            );
+        }
+    }
+}
