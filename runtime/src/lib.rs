@@ -3,6 +3,8 @@
 //! The generator emits one program per rank; executing it needs two things: tensor kernels
 //! (the tch runtime, to come) and collectives between ranks. This crate starts with the
 //! collectives, [`comm`], because their semantics (groups along mesh axes, failure that never
-//! hangs) are shared by the in-process test backend and the NCCL backend.
+//! hangs) are shared by the in-process test backend and the NCCL backend. [`weights`] gives
+//! each rank its shard of every parameter and writes plan-independent checkpoints.
 
 pub mod comm;
+pub mod weights;
