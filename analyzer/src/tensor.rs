@@ -43,6 +43,22 @@ impl Tensor {
             values.iter().map(|&v| v as f64).collect(),
         )
     }
+    /// Deterministic pseudo-random f64 values in [-1, 1) (xorshift), for tests and examples.
+    pub fn pseudo_random(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let data = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::new(DType::F64, shape.to_vec(), data)
+    }
     pub fn ty(&self) -> TensorType {
         TensorType::new(self.dtype, self.shape.clone())
     }

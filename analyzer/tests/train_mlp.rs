@@ -39,19 +39,7 @@ fn add(b: &mut GraphBuilder, x: ValueId, y: ValueId) -> ValueId {
 
 /// Deterministic values in [-1, 1).
 fn rand(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let data = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::new(DType::F64, shape.to_vec(), data)
+    Tensor::pseudo_random(shape, seed)
 }
 
 /// Random feeds for every input and weight of `g`; integer inputs get labels in `0..classes`.

@@ -5,7 +5,6 @@
 //! and compares each with central differences. Used by every op's tests.
 
 use crate::builder::GraphBuilder;
-use crate::dtype::DType;
 use crate::eval;
 use crate::graph::{Phase, ValueDef, ValueId};
 use crate::ops::{Op, VjpCtx};
@@ -14,19 +13,7 @@ use std::collections::HashMap;
 
 /// Deterministic pseudo-random values in [-1, 1).
 pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let data = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::new(DType::F64, shape.to_vec(), data)
+    Tensor::pseudo_random(shape, seed)
 }
 
 fn loss_of(op: &Op, inputs: &[Tensor], weights: &[Option<Tensor>]) -> f64 {

@@ -37,6 +37,27 @@ pub enum ScatterReduction {
 }
 
 impl ScatterReduction {
+    /// Cost shared by the scatter ops: one flop per update when reducing, plus the bytes.
+    pub(crate) fn scatter_cost(self, inputs: &[&TensorType], outputs: &[&TensorType]) -> Cost {
+        let flops = match self {
+            ScatterReduction::None => 0.0,
+            _ => inputs.get(2).map_or(0, |t| t.numel()) as f64,
+        };
+        Cost::memory_bound(inputs, outputs, flops)
+    }
+
+    /// Gradient w.r.t. `data` shared by the scatter ops (`op` is the scatter itself): with no
+    /// reduction the overwritten positions get none (scatter zeros there), with `add` it
+    /// passes through.
+    pub(crate) fn data_grad(self, op: Op, cx: &mut VjpCtx<'_>, dy: ValueId) -> Result<ValueId, OpError> {
+        match self {
+            ScatterReduction::None => {
+                let z = cx.b.zeros(&cx.ty(cx.inputs[2]))?;
+                cx.b.emit(op, &[dy, cx.inputs[1], z])
+            }
+            _ => Ok(dy),
+        }
+    }
     /// The value at a target after one update.
     pub fn apply(self, current: f64, update: f64) -> f64 {
         match self {
@@ -135,11 +156,7 @@ impl OpSpec for ScatterElements {
     }
 
     fn cost(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> Cost {
-        let flops = match self.reduction {
-            ScatterReduction::None => 0.0,
-            _ => inputs.get(2).map_or(0, |t| t.numel()) as f64,
-        };
-        Cost::memory_bound(inputs, outputs, flops)
+        self.reduction.scatter_cost(inputs, outputs)
     }
 
     fn differentiable(&self, i: usize) -> bool {
@@ -152,15 +169,9 @@ impl OpSpec for ScatterElements {
             return Ok(grads);
         };
         self.reduction.check_differentiable("scatter_elements")?;
-        let (indices, updates) = (cx.inputs[1], cx.inputs[2]);
+        let indices = cx.inputs[1];
         if cx.needs.first().copied().unwrap_or(false) {
-            grads[0] = Some(match self.reduction {
-                ScatterReduction::None => {
-                    let z = cx.b.zeros(&cx.ty(updates))?;
-                    cx.b.emit(self.clone(), &[dy, indices, z])?
-                }
-                _ => dy,
-            });
+            grads[0] = Some(self.reduction.data_grad(self.clone().into(), cx, dy)?);
         }
         if cx.needs.get(2).copied().unwrap_or(false) {
             // index tuples: the coordinates of each position, with `indices` along `axis`

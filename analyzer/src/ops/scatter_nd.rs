@@ -20,7 +20,7 @@ use crate::tensor::{for_each_index, Tensor};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 /// ONNX ScatterND: inputs `data, indices, updates`.
 pub struct ScatterNd {
-    pub reduction: super::scatter_elements::ScatterReduction,
+    pub reduction: ScatterReduction,
 }
 
 impl OpSpec for ScatterNd {
@@ -88,11 +88,7 @@ impl OpSpec for ScatterNd {
     }
 
     fn cost(&self, inputs: &[&TensorType], outputs: &[&TensorType]) -> Cost {
-        let flops = match self.reduction {
-            ScatterReduction::None => 0.0,
-            _ => inputs.get(2).map_or(0, |t| t.numel()) as f64,
-        };
-        Cost::memory_bound(inputs, outputs, flops)
+        self.reduction.scatter_cost(inputs, outputs)
     }
 
     fn differentiable(&self, i: usize) -> bool {
@@ -105,15 +101,9 @@ impl OpSpec for ScatterNd {
             return Ok(grads);
         };
         self.reduction.check_differentiable("scatter_nd")?;
-        let (indices, updates) = (cx.inputs[1], cx.inputs[2]);
+        let indices = cx.inputs[1];
         if cx.needs.first().copied().unwrap_or(false) {
-            grads[0] = Some(match self.reduction {
-                ScatterReduction::None => {
-                    let z = cx.b.zeros(&cx.ty(updates))?;
-                    cx.b.emit(self.clone(), &[dy, indices, z])?
-                }
-                _ => dy,
-            });
+            grads[0] = Some(self.reduction.data_grad(self.clone().into(), cx, dy)?);
         }
         if cx.needs.get(2).copied().unwrap_or(false) {
             grads[2] = Some(cx.b.emit(GatherNd { batch_dims: 0 }, &[dy, indices])?);
