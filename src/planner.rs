@@ -31,10 +31,10 @@
 
 use crate::Error;
 use autopar_analyzer::graph::{Graph, NodeId, ValueDef, ValueId};
-use autopar_analyzer::ops::{AxisKind as OpAxisKind, Cost};
+use autopar_analyzer::ops::Cost;
 use autopar_analyzer::profile::Profile;
 use autopar_analyzer::train::{param_bytes_per_element, DTypePolicy, Optimizer, TrainingGraph};
-use autopar_analyzer::TensorType;
+use autopar_generator::bridge::{compute_seconds, op_axes};
 use autopar_solver::cluster::Cluster;
 use autopar_solver::ilp::{self, Backend, SolveOptions};
 use autopar_solver::mesh::Mesh;
@@ -45,7 +45,7 @@ use autopar_solver::plan::{
 use autopar_solver::problem::{MemoryRow, Overlap, Problem, ProblemEdge, ProblemNode, Solution};
 use autopar_solver::reshard::Resharder;
 use autopar_solver::spec::ShardingSpec;
-use autopar_solver::strategy::{self, AxisKind, OpAxes, Strategy};
+use autopar_solver::strategy::{self, AxisKind, Strategy};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -135,21 +135,6 @@ impl PlanOptions {
     }
 }
 
-/// Roofline time of `cost` on one device.
-fn compute_seconds(cost: &Cost, cluster: &Cluster, policy: DTypePolicy) -> f64 {
-    let peak = match policy {
-        DTypePolicy::Fp32 => cluster.peak_flops_fp32,
-        DTypePolicy::Bf16Mixed => cluster.peak_flops_bf16,
-    };
-    // vector (non-matmul) arithmetic runs on the CUDA cores at the fp32 rate at best
-    let vector_peak = cluster.peak_flops_fp32;
-    let math = cost.matmul_flops / (peak * cluster.matmul_efficiency)
-        + (cost.flops - cost.matmul_flops).max(0.0) / (vector_peak * cluster.vector_efficiency);
-    let memory = (cost.bytes_read + cost.bytes_written)
-        / (cluster.hbm_bandwidth * cluster.memory_efficiency);
-    math.max(memory)
-}
-
 /// Where a forward value's layout comes from.
 #[derive(Clone, Copy, Debug)]
 enum Source {
@@ -208,30 +193,6 @@ struct Builder<'a> {
     sequence_axis: Vec<Option<usize>>,
     /// Per (value, dim): dims carrying the data batch.
     batch_dim: Vec<Option<usize>>,
-}
-
-fn op_axes(g: &Graph, n: NodeId) -> OpAxes {
-    let node = g.node(n);
-    let ins: Vec<&TensorType> = node.inputs.iter().map(|&v| g.ty(v)).collect();
-    let outs: Vec<&TensorType> = node.outputs.iter().map(|&v| g.ty(v)).collect();
-    let dims = node.op.spec().dims(&ins, &outs);
-    OpAxes {
-        axes: dims
-            .axes
-            .iter()
-            .map(|a| {
-                let k = match a.kind {
-                    OpAxisKind::Parallel => AxisKind::Parallel,
-                    OpAxisKind::Contracted => AxisKind::Contracted,
-                    OpAxisKind::Whole => AxisKind::Whole,
-                    OpAxisKind::Statistics => AxisKind::Statistics,
-                };
-                (a.size, k)
-            })
-            .collect(),
-        inputs: dims.inputs,
-        outputs: dims.outputs,
-    }
 }
 
 /// `h.3.attn` -> `h.#.attn` and the layer index text `3`; `None` without a layer segment

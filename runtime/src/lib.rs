@@ -7,4 +7,8 @@
 //! each rank its shard of every parameter and writes plan-independent checkpoints.
 
 pub mod comm;
+pub mod exec;
+pub mod lower;
+pub mod session;
 pub mod weights;
+pub use tch;

@@ -28,7 +28,7 @@
 //! [`WeightData::Absent`]: crate::graph::WeightData::Absent
 
 pub mod classify;
-mod compact;
+pub mod compact;
 mod import;
 mod lower;
 pub mod ops;

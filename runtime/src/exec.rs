@@ -1,0 +1,597 @@
+//! The executor: runs the generator's [`Program`] on one rank, with tch kernels (the one
+//! lowering in [`crate::lower`]) and a [`Communicator`] for the collectives.
+//!
+//! A [`RankState`] owns what outlives a step: the rank's blocks of parameters (in their storage
+//! layout), buffers and constants, and the optimizer state of its parameter blocks. A step
+//! fills the data inputs with the rank's blocks of the global batch, runs the instructions in
+//! order, frees every intermediate after its last reader, and applies the optimizer to the
+//! local blocks with the synchronised gradients. All ranks of a program run the same
+//! instructions; only their blocks and groups differ (see `autopar_generator::program`).
+//!
+//! Collectives move the tensors' bytes as `f32` words (the [`Communicator`] carries `f32`): a
+//! float tensor as is, 64-bit types as two words per element, the other integer and boolean
+//! types widened to 64 bits first. Sums (all-reduce, reduce-scatter, statistics) apply to float
+//! tensors only; the generator never leaves integers as partial sums.
+
+use crate::comm::{CommError, Communicator};
+use crate::lower::{self, LowerCtx, LowerError};
+use crate::weights::{self, WeightError};
+use autopar_analyzer::graph::{Graph, ValueDef, ValueId};
+use autopar_analyzer::TensorType;
+use autopar_generator::program::{Instr, LeafKind, Program, SlotId};
+use autopar_solver::reshard::Collective;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// The optimizer applied to each rank's parameter blocks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerConfig {
+    /// `p -= lr (g + wd p)`, with heavy-ball momentum when `momentum > 0`.
+    Sgd {
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+    },
+    /// AdamW (decoupled weight decay), bias-corrected moments.
+    AdamW {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    },
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig::AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// Why a rank's step failed; names the instruction or tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("{place}: {source}")]
+    Lower {
+        place: String,
+        #[source]
+        source: LowerError,
+    },
+    #[error("{place}: {source}")]
+    Comm {
+        place: String,
+        #[source]
+        source: CommError,
+    },
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+    #[error("{place}: libtorch failed: {source}")]
+    Torch {
+        place: String,
+        #[source]
+        source: tch::TchError,
+    },
+    #[error("{0}")]
+    Input(String),
+}
+
+/// What a step gives back.
+pub struct StepOutput {
+    pub loss: f64,
+    /// With `keep_grads`: each parameter's synchronised gradient block (storage layout), in
+    /// the order of [`Program::updates`].
+    pub grads: Vec<Tensor>,
+}
+
+/// One rank's persistent state (see the module doc).
+pub struct RankState {
+    program: Arc<Program>,
+    rank: usize,
+    device: Device,
+    leaves: HashMap<SlotId, Tensor>,
+    optimizer: OptimizerConfig,
+    /// Per update: first and second moments (AdamW) or the momentum buffer (SGD).
+    moments: Vec<Option<(Tensor, Tensor)>>,
+    steps_done: u64,
+    /// Per slot: the last instruction that reads it (`usize::MAX`: kept to the end).
+    last_use: Vec<usize>,
+}
+
+fn torch_err(place: &str) -> impl FnOnce(tch::TchError) -> ExecError + '_ {
+    move |source| ExecError::Torch {
+        place: place.to_string(),
+        source,
+    }
+}
+
+/// `t`'s block at `offsets` of `shape` (narrow per dim).
+fn block(t: &Tensor, offsets: &[usize], shape: &[usize]) -> Result<Tensor, tch::TchError> {
+    let mut b = t.shallow_clone();
+    for (d, (&o, &n)) in offsets.iter().zip(shape).enumerate() {
+        if b.size()[d] != n as i64 {
+            b = b.f_narrow(d as i64, o as i64, n as i64)?;
+        }
+    }
+    Ok(b)
+}
+
+impl RankState {
+    /// Loads rank `rank`'s blocks of every parameter, buffer and constant of `graph` (the
+    /// training graph `program` was generated from): the model's own weights where present
+    /// (inline, or external files under `base_dir`), else the deterministic seeded init.
+    pub fn new(
+        program: Arc<Program>,
+        graph: &Graph,
+        rank: usize,
+        device: Device,
+        base_dir: &Path,
+        seed: u64,
+        optimizer: OptimizerConfig,
+    ) -> Result<Self, ExecError> {
+        let mut leaves = HashMap::new();
+        for leaf in &program.leaves {
+            let slot = program.slot(leaf.slot);
+            let d = graph.value(slot.value);
+            let kind = lower::kind_of(slot.global.dtype);
+            let t = match (&leaf.kind, &d.def) {
+                (LeafKind::Input, _) => continue,
+                (_, ValueDef::Param { data } | ValueDef::Buffer { data }) => {
+                    let full = weights::load_weight(&d.name, &d.ty, data, base_dir, seed)?;
+                    let mine = weights::shard(&full, &d.ty.shape, &slot.spec, &program.mesh, rank)?;
+                    let shape: Vec<i64> = slot.local.shape.iter().map(|&n| n as i64).collect();
+                    Tensor::from_slice(&mine)
+                        .f_reshape(&shape)
+                        .and_then(|t| t.f_to_kind(kind))
+                        .and_then(|t| t.f_to(device))
+                        .map_err(torch_err(&d.name))?
+                }
+                (_, ValueDef::Const(c)) => {
+                    let full = lower::to_tch(c, device).map_err(|source| ExecError::Lower {
+                        place: format!("constant {}", slot.value),
+                        source,
+                    })?;
+                    let offsets = program.block_offsets(&slot.spec, &slot.global.shape, rank);
+                    block(&full, &offsets, &slot.local.shape).map_err(torch_err(&d.name))?
+                }
+                _ => {
+                    return Err(ExecError::Input(format!(
+                        "leaf {} ({}) is not a weight or constant of the graph",
+                        leaf.slot, d.name
+                    )))
+                }
+            };
+            leaves.insert(leaf.slot, t);
+        }
+        let mut last_use = vec![0usize; program.slots.len()];
+        for (i, instr) in program.instrs.iter().enumerate() {
+            let reads: Vec<SlotId> = match instr {
+                Instr::Compute(c) => c.inputs.clone(),
+                Instr::Move(m) => vec![m.input],
+            };
+            for s in reads {
+                last_use[s.0 as usize] = i;
+            }
+        }
+        let keep = std::iter::once(program.loss)
+            .chain(program.updates.iter().flat_map(|u| [u.param, u.grad]))
+            .chain(program.buffer_updates.iter().flat_map(|&(a, b)| [a, b]))
+            .chain(program.leaves.iter().map(|l| l.slot));
+        for s in keep {
+            last_use[s.0 as usize] = usize::MAX;
+        }
+        let moments = program.updates.iter().map(|_| None).collect();
+        Ok(RankState {
+            program,
+            rank,
+            device,
+            leaves,
+            optimizer,
+            moments,
+            steps_done: 0,
+            last_use,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// The rank's current block of each parameter, in the order of [`Program::updates`].
+    pub fn param_blocks(&self) -> Vec<&Tensor> {
+        self.program
+            .updates
+            .iter()
+            .filter_map(|u| self.leaves.get(&u.param))
+            .collect()
+    }
+
+    /// The rank's block of every leaf (parameters, buffers), by slot.
+    pub fn leaf(&self, s: SlotId) -> Option<&Tensor> {
+        self.leaves.get(&s)
+    }
+
+    /// Runs one training step. `feeds` holds the global batch (every data input); each rank
+    /// takes its block.
+    pub fn step(
+        &mut self,
+        comm: &mut dyn Communicator,
+        feeds: &HashMap<ValueId, autopar_analyzer::Tensor>,
+        keep_grads: bool,
+    ) -> Result<StepOutput, ExecError> {
+        let _guard = tch::no_grad_guard();
+        let p = self.program.clone();
+        let mut slots: Vec<Option<Tensor>> = (0..p.slots.len()).map(|_| None).collect();
+        for (s, t) in &self.leaves {
+            slots[s.0 as usize] = Some(t.shallow_clone());
+        }
+        for leaf in p.leaves.iter().filter(|l| l.kind == LeafKind::Input) {
+            let slot = p.slot(leaf.slot);
+            let global = feeds.get(&slot.value).ok_or_else(|| {
+                ExecError::Input(format!("no data for input {} ({})", slot.value, slot.name))
+            })?;
+            if global.shape != slot.global.shape {
+                return Err(ExecError::Input(format!(
+                    "input {} has shape {:?}, the program expects {}",
+                    slot.name, global.shape, slot.global
+                )));
+            }
+            let global = lower::to_tch(global, Device::Cpu).map_err(|source| ExecError::Lower {
+                place: format!("input {}", slot.name),
+                source,
+            })?;
+            let offsets = p.block_offsets(&slot.spec, &slot.global.shape, self.rank);
+            let t = block(&global, &offsets, &slot.local.shape)
+                .and_then(|t| t.f_to_kind(lower::kind_of(slot.global.dtype)))
+                .and_then(|t| t.f_to(self.device))
+                .map_err(torch_err(&slot.name))?;
+            slots[leaf.slot.0 as usize] = Some(t);
+        }
+        for (i, instr) in p.instrs.iter().enumerate() {
+            match instr {
+                Instr::Compute(c) => {
+                    let place = format!("node {} ({})", c.node, c.name);
+                    let ins: Vec<&Tensor> = c
+                        .inputs
+                        .iter()
+                        .map(|s| {
+                            slots[s.0 as usize].as_ref().ok_or_else(|| {
+                                ExecError::Input(format!("{place}: input {s} is not computed"))
+                            })
+                        })
+                        .collect::<Result<_, _>>()?;
+                    let outputs: Vec<TensorType> =
+                        c.outputs.iter().map(|&s| p.slot(s).local.clone()).collect();
+                    let global_inputs: Vec<TensorType> =
+                        c.inputs.iter().map(|&s| p.slot(s).global.clone()).collect();
+                    let global_outputs: Vec<TensorType> = c
+                        .outputs
+                        .iter()
+                        .map(|&s| p.slot(s).global.clone())
+                        .collect();
+                    let offsets: Vec<Vec<usize>> = c
+                        .inputs
+                        .iter()
+                        .map(|&s| {
+                            let slot = p.slot(s);
+                            p.block_offsets(&slot.spec, &slot.global.shape, self.rank)
+                        })
+                        .collect();
+                    let group = p.group(self.rank, &c.sync_axes);
+                    let mut group_sum = |t: Tensor| -> Result<Tensor, LowerError> {
+                        if group.len() <= 1 {
+                            return Ok(t);
+                        }
+                        sum_over(&mut *comm, &group, &t)
+                            .map_err(|e| LowerError::GroupSum(e.to_string()))
+                    };
+                    let mut ctx = LowerCtx {
+                        outputs: &outputs,
+                        global_inputs: &global_inputs,
+                        global_outputs: &global_outputs,
+                        input_offsets: &offsets,
+                        group_sum: &mut group_sum,
+                        rng_step: self.steps_done,
+                        device: self.device,
+                    };
+                    let outs = lower::lower(&c.op, &ins, &mut ctx)
+                        .map_err(|source| ExecError::Lower { place, source })?;
+                    for (&s, t) in c.outputs.iter().zip(outs) {
+                        slots[s.0 as usize] = Some(t);
+                    }
+                }
+                Instr::Move(m) => {
+                    let place = format!(
+                        "{} of {} ({})",
+                        m.op,
+                        p.slot(m.input).name,
+                        p.slot(m.input).value
+                    );
+                    let input = slots[m.input.0 as usize].as_ref().ok_or_else(|| {
+                        ExecError::Input(format!("{place}: input {} is not computed", m.input))
+                    })?;
+                    let group = p.group(self.rank, &[m.op.axis()]);
+                    let coord = self.program.mesh.coords(self.rank)[m.op.axis()];
+                    let out =
+                        run_move(&mut *comm, &m.op, &group, coord, input).map_err(|e| match e {
+                            MoveError::Comm(source) => ExecError::Comm {
+                                place: place.clone(),
+                                source,
+                            },
+                            MoveError::Torch(source) => ExecError::Torch {
+                                place: place.clone(),
+                                source,
+                            },
+                            MoveError::Other(msg) => ExecError::Input(format!("{place}: {msg}")),
+                        })?;
+                    slots[m.output.0 as usize] = Some(out);
+                }
+            }
+            let reads: &[SlotId] = match instr {
+                Instr::Compute(c) => &c.inputs,
+                Instr::Move(m) => std::slice::from_ref(&m.input),
+            };
+            for s in reads {
+                if self.last_use[s.0 as usize] == i {
+                    slots[s.0 as usize] = None;
+                }
+            }
+        }
+        let loss = slots[p.loss.0 as usize]
+            .as_ref()
+            .ok_or_else(|| ExecError::Input("the loss was not computed".into()))?
+            .f_double_value(&[])
+            .map_err(torch_err("the loss"))?;
+        let mut grads = vec![];
+        self.steps_done += 1;
+        for (k, u) in p.updates.iter().enumerate() {
+            let name = p.slot(u.param).name.clone();
+            let g = slots[u.grad.0 as usize].take().ok_or_else(|| {
+                ExecError::Input(format!("the gradient of {name} was not computed"))
+            })?;
+            let param = self
+                .leaves
+                .get_mut(&u.param)
+                .ok_or_else(|| ExecError::Input(format!("parameter {name} is not loaded")))?;
+            apply_optimizer(
+                &self.optimizer,
+                self.steps_done,
+                param,
+                &g,
+                &mut self.moments[k],
+            )
+            .map_err(torch_err(&name))?;
+            if keep_grads {
+                grads.push(g);
+            }
+        }
+        for &(b, v) in &p.buffer_updates {
+            let name = p.slot(b).name.clone();
+            let new = slots[v.0 as usize].take().ok_or_else(|| {
+                ExecError::Input(format!("the new value of {name} was not computed"))
+            })?;
+            if let Some(t) = self.leaves.get_mut(&b) {
+                t.f_copy_(&new).map_err(torch_err(&name))?;
+            }
+        }
+        Ok(StepOutput { loss, grads })
+    }
+}
+
+fn apply_optimizer(
+    opt: &OptimizerConfig,
+    step: u64,
+    param: &mut Tensor,
+    grad: &Tensor,
+    state: &mut Option<(Tensor, Tensor)>,
+) -> Result<(), tch::TchError> {
+    let g = grad.f_to_kind(param.kind())?;
+    match *opt {
+        OptimizerConfig::Sgd {
+            lr,
+            momentum,
+            weight_decay,
+        } => {
+            let mut d = if weight_decay != 0.0 {
+                g.f_add(&param.f_mul_scalar(weight_decay)?)?
+            } else {
+                g
+            };
+            if momentum != 0.0 {
+                let buf = match state.take() {
+                    None => d.f_detach_copy()?,
+                    Some((buf, _)) => buf.f_mul_scalar(momentum)?.f_add(&d)?,
+                };
+                d = buf.shallow_clone();
+                *state = Some((buf, Tensor::zeros([0], (Kind::Float, Device::Cpu))));
+            }
+            let _ = param.f_sub_(&d.f_mul_scalar(lr)?)?;
+        }
+        OptimizerConfig::AdamW {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } => {
+            let (m, v) = match state.take() {
+                Some(s) => s,
+                None => (g.f_zeros_like()?, g.f_zeros_like()?),
+            };
+            let m = m
+                .f_mul_scalar(beta1)?
+                .f_add(&g.f_mul_scalar(1.0 - beta1)?)?;
+            let v = v
+                .f_mul_scalar(beta2)?
+                .f_add(&g.f_mul(&g)?.f_mul_scalar(1.0 - beta2)?)?;
+            let t = step as i32;
+            let m_hat = m.f_div_scalar(1.0 - beta1.powi(t))?;
+            let v_hat = v.f_div_scalar(1.0 - beta2.powi(t))?;
+            if weight_decay != 0.0 {
+                let _ = param.f_mul_scalar_(1.0 - lr * weight_decay)?;
+            }
+            let upd = m_hat.f_div(&v_hat.f_sqrt()?.f_add_scalar(eps)?)?;
+            let _ = param.f_sub_(&upd.f_mul_scalar(lr)?)?;
+            *state = Some((m, v));
+        }
+    }
+    Ok(())
+}
+
+enum MoveError {
+    Comm(CommError),
+    Torch(tch::TchError),
+    Other(String),
+}
+
+impl From<CommError> for MoveError {
+    fn from(e: CommError) -> Self {
+        MoveError::Comm(e)
+    }
+}
+impl From<tch::TchError> for MoveError {
+    fn from(e: tch::TchError) -> Self {
+        MoveError::Torch(e)
+    }
+}
+
+/// A tensor as `f32` words (module doc) and back.
+fn words(t: &Tensor) -> Result<Vec<f32>, MoveError> {
+    let flat = t.f_contiguous()?.f_flatten(0, -1)?;
+    match t.kind() {
+        Kind::Float => Ok(Vec::<f32>::try_from(&flat)?),
+        Kind::Double => Ok(Vec::<f64>::try_from(&flat)?
+            .into_iter()
+            .flat_map(|x| split64(x.to_bits()))
+            .collect()),
+        _ => Ok(Vec::<i64>::try_from(&flat.f_to_kind(Kind::Int64)?)?
+            .into_iter()
+            .flat_map(|x| split64(x as u64))
+            .collect()),
+    }
+}
+
+fn split64(x: u64) -> [f32; 2] {
+    [f32::from_bits(x as u32), f32::from_bits((x >> 32) as u32)]
+}
+
+fn join64(w: &[f32]) -> u64 {
+    (w[0].to_bits() as u64) | ((w[1].to_bits() as u64) << 32)
+}
+
+fn from_words(w: &[f32], shape: &[i64], kind: Kind, device: Device) -> Result<Tensor, MoveError> {
+    let t = match kind {
+        Kind::Float => Tensor::from_slice(w),
+        Kind::Double => {
+            let v: Vec<f64> = w.chunks(2).map(|c| f64::from_bits(join64(c))).collect();
+            Tensor::from_slice(&v)
+        }
+        _ => {
+            let v: Vec<i64> = w.chunks(2).map(|c| join64(c) as i64).collect();
+            Tensor::from_slice(&v).f_to_kind(kind)?
+        }
+    };
+    Ok(t.f_reshape(shape)?.f_to(device)?)
+}
+
+fn need_float(t: &Tensor, what: &str) -> Result<(), MoveError> {
+    if t.kind() == Kind::Float {
+        Ok(())
+    } else {
+        Err(MoveError::Other(format!(
+            "{what} of a {:?} tensor: sums run on f32 tensors only",
+            t.kind()
+        )))
+    }
+}
+
+/// Sums `t` over `group` (an all-reduce); f64 tensors are summed in f32.
+fn sum_over(comm: &mut dyn Communicator, group: &[usize], t: &Tensor) -> Result<Tensor, String> {
+    let kind = t.kind();
+    let f = t.f_to_kind(Kind::Float).map_err(|e| e.to_string())?;
+    let mut w = words(&f).map_err(|_| "cannot read the tensor".to_string())?;
+    comm.all_reduce_sum(group, &mut w)
+        .map_err(|e| e.to_string())?;
+    Tensor::from_slice(&w)
+        .f_reshape(t.size())
+        .and_then(|r| r.f_to_kind(kind))
+        .and_then(|r| r.f_to(t.device()))
+        .map_err(|e| e.to_string())
+}
+
+/// One resharding step on this rank (see `autopar_solver::reshard` for the moves).
+fn run_move(
+    comm: &mut dyn Communicator,
+    op: &Collective,
+    group: &[usize],
+    coord: usize,
+    x: &Tensor,
+) -> Result<Tensor, MoveError> {
+    let n = group.len() as i64;
+    if n == 1 {
+        return Ok(x.shallow_clone());
+    }
+    let (kind, device) = (x.kind(), x.device());
+    match *op {
+        Collective::AllReduce { .. } => {
+            need_float(x, "all-reduce")?;
+            let mut w = words(x)?;
+            comm.all_reduce_sum(group, &mut w)?;
+            from_words(&w, &x.size(), kind, device)
+        }
+        Collective::AllGather { dim, .. } => {
+            let all = comm.all_gather(group, &words(x)?)?;
+            let per = all.len() / group.len();
+            let parts: Vec<Tensor> = all
+                .chunks(per)
+                .map(|c| from_words(c, &x.size(), kind, device))
+                .collect::<Result<_, _>>()?;
+            Ok(Tensor::f_cat(&parts, dim as i64)?)
+        }
+        Collective::ReduceScatter { dim, .. } => {
+            need_float(x, "reduce-scatter")?;
+            let chunks = x.f_chunk(n, dim as i64)?;
+            let shape = chunks[0].size();
+            let mut buf = vec![];
+            for c in &chunks {
+                buf.extend(words(c)?);
+            }
+            let mine = comm.reduce_scatter_sum(group, &buf)?;
+            from_words(&mine, &shape, kind, device)
+        }
+        Collective::AllToAll {
+            from_dim, to_dim, ..
+        } => {
+            let chunks = x.f_chunk(n, to_dim as i64)?;
+            let shape = chunks[0].size();
+            let mut buf = vec![];
+            for c in &chunks {
+                buf.extend(words(c)?);
+            }
+            let got = comm.all_to_all(group, &buf)?;
+            let per = got.len() / group.len();
+            let parts: Vec<Tensor> = got
+                .chunks(per)
+                .map(|c| from_words(c, &shape, kind, device))
+                .collect::<Result<_, _>>()?;
+            Ok(Tensor::f_cat(&parts, from_dim as i64)?)
+        }
+        Collective::Slice { dim, .. } => {
+            let chunks = x.f_chunk(n, dim as i64)?;
+            let c = chunks.get(coord).ok_or_else(|| {
+                MoveError::Other(format!("no block {coord} of {n} along dim {dim}"))
+            })?;
+            Ok(c.f_contiguous()?)
+        }
+    }
+}

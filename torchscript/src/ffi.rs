@@ -1,0 +1,110 @@
+//! The one place that calls the C++ shim (shim/shim.cpp): load an archive, read its graph
+//! description, copy tensor bytes out, free.
+//!
+//! `unsafe` is confined here (the workspace denies it elsewhere): the shim's C functions take
+//! raw pointers. Every call is wrapped in a safe method whose invariants are local: the handle
+//! is owned by [`Archive`] and freed once in `Drop`; strings the shim allocates are copied and
+//! freed at once; destination buffers are Rust-owned with the exact length passed along.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::Path;
+
+// Keep torch-sys linked: it carries the libtorch link flags the shim needs.
+use torch_sys as _;
+
+extern "C" {
+    fn autopar_ts_load(
+        path: *const c_char,
+        json: *mut *mut c_char,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn autopar_ts_tensor_bytes(
+        handle: *mut c_void,
+        index: usize,
+        dst: *mut u8,
+        len: usize,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn autopar_ts_free(handle: *mut c_void);
+    fn autopar_ts_free_string(s: *mut c_char);
+}
+
+/// Takes ownership of a string the shim allocated (may be null).
+fn take_string(p: *mut c_char) -> Option<String> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: the shim returns NUL-terminated strings from malloc; we copy and free it once.
+    let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+    // SAFETY: `p` came from the shim's allocator and is not used after this.
+    unsafe { autopar_ts_free_string(p) };
+    Some(s)
+}
+
+/// A loaded TorchScript module held by libtorch.
+pub struct Archive {
+    handle: *mut c_void,
+    /// The graph description (see `dump.rs`).
+    pub json: String,
+}
+
+impl Archive {
+    /// Loads `path` with `torch::jit::load` and describes its inlined `forward` graph.
+    pub fn load(path: &Path) -> Result<Archive, String> {
+        let cpath = path_to_cstring(path)?;
+        let mut json: *mut c_char = std::ptr::null_mut();
+        let mut err: *mut c_char = std::ptr::null_mut();
+        // SAFETY: `cpath` outlives the call; the out-pointers point to valid locals.
+        let handle = unsafe { autopar_ts_load(cpath.as_ptr(), &mut json, &mut err) };
+        let json = take_string(json);
+        let err = take_string(err);
+        if handle.is_null() {
+            return Err(err.unwrap_or_else(|| "libtorch failed to load it".into()));
+        }
+        let archive = Archive {
+            handle,
+            json: String::new(),
+        };
+        match json {
+            Some(json) => Ok(Archive { json, ..archive }),
+            None => Err("libtorch returned no graph description".into()),
+        }
+    }
+
+    /// The bytes (row-major, little-endian on the hosts libtorch supports) of tensor `index`
+    /// of the description's table, which hold exactly `len` bytes.
+    pub fn tensor_bytes(&self, index: usize, len: usize) -> Result<Vec<u8>, String> {
+        let mut buf = vec![0u8; len];
+        let mut err: *mut c_char = std::ptr::null_mut();
+        // SAFETY: `self.handle` is live (freed only in Drop); `buf` has exactly `len` bytes.
+        let rc =
+            unsafe { autopar_ts_tensor_bytes(self.handle, index, buf.as_mut_ptr(), len, &mut err) };
+        let err = take_string(err);
+        if rc != 0 {
+            return Err(err.unwrap_or_else(|| "libtorch could not copy the tensor".into()));
+        }
+        Ok(buf)
+    }
+}
+
+impl Drop for Archive {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from autopar_ts_load and is freed exactly once.
+        unsafe { autopar_ts_free(self.handle) };
+    }
+}
+
+#[cfg(unix)]
+fn path_to_cstring(path: &Path) -> Result<CString, String> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| "the path contains a NUL byte".into())
+}
+
+#[cfg(not(unix))]
+fn path_to_cstring(path: &Path) -> Result<CString, String> {
+    let s = path
+        .to_str()
+        .ok_or_else(|| "the path is not valid UTF-8".to_string())?;
+    CString::new(s).map_err(|_| "the path contains a NUL byte".into())
+}
