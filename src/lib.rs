@@ -1,16 +1,22 @@
 //! autopar: an automatic parallelism compiler for deep-learning training.
 //!
 //! This crate is the pipeline as a library; the `autopar` binary is a thin layer over it.
-//! Today it covers the analyzer stages: [`load_model`] (a built-in name, an ONNX file),
-//! [`build_training`] (forward + loss + backward) and [`inspect`] (the meta-shape profile of a
-//! training step), and [`plan_model`] (the sharding plan on a device mesh, see [`planner`]).
-//! See ARCHITECTURE.md for the stages that follow (generator, runtime).
+//! [`autoparallelize`] is the one call: model and input shapes in; plan, per-rank programs and
+//! a training handle out. Its stages are public too: [`load_model`] (a built-in name, an ONNX
+//! or TorchScript file), [`build_training`] (forward + loss + backward), [`inspect`] (the
+//! meta-shape profile of a training step), [`plan_model`] (the sharding plan on a device mesh,
+//! see [`planner`]), then the generator and the runtime (see ARCHITECTURE.md).
 
+pub mod auto;
 pub mod bench;
+pub mod data;
 pub mod planner;
 
+pub use auto::{autoparallelize, AutoOptions, Parallelized, Trainer};
 pub use autopar_analyzer as analyzer;
+pub use autopar_generator as generator;
 pub use autopar_models as models;
+pub use autopar_runtime as runtime;
 pub use autopar_solver as solver;
 
 use analyzer::onnx::{ImportOptions, InputOverride};
@@ -31,6 +37,9 @@ pub enum Error {
     /// Options that do not fit the model (named in the message).
     #[error("{0}")]
     Usage(String),
+    /// A training step or its setup failed (the rank and the node are named in the message).
+    #[error("{0}")]
+    Run(String),
 }
 
 /// Where a model comes from.
@@ -39,6 +48,8 @@ pub enum Error {
 pub enum ModelSource {
     Builtin,
     Onnx,
+    /// A TorchScript archive (`torch.jit.save`).
+    TorchScript,
 }
 
 /// How the training loss is chosen.
@@ -121,17 +132,40 @@ pub fn load_model(model: &str, opts: &LoadOptions) -> Result<LoadedModel, Error>
     }
     match ext.as_str() {
         "onnx" => {
-            let imported = analyzer::onnx::import_onnx(path, &ImportOptions { input_overrides: opts.inputs.clone() })?;
-            Ok(LoadedModel { name: model.to_string(), source: ModelSource::Onnx, graph: imported.graph, loss: imported.loss })
+            let imported = analyzer::onnx::import_onnx(
+                path,
+                &ImportOptions {
+                    input_overrides: opts.inputs.clone(),
+                },
+            )?;
+            Ok(LoadedModel {
+                name: model.to_string(),
+                source: ModelSource::Onnx,
+                graph: imported.graph,
+                loss: imported.loss,
+            })
         }
-        "pt" | "pth" | "ts" => Err(Error::Usage(format!(
-            "{model}: TorchScript import is not available yet; export the model to ONNX (see README)"
-        ))),
+        "pt" | "pth" | "ts" => {
+            let imported = autopar_torchscript::import_torchscript(
+                path,
+                &ImportOptions {
+                    input_overrides: opts.inputs.clone(),
+                },
+            )?;
+            Ok(LoadedModel {
+                name: model.to_string(),
+                source: ModelSource::TorchScript,
+                graph: imported.graph,
+                loss: imported.loss,
+            })
+        }
         _ if !path.exists() => Err(Error::Usage(format!(
             "{model:?} is neither a built-in model ({}) nor an existing file",
             models::builtin_names().join(", ")
         ))),
-        _ => Err(Error::Usage(format!("{model}: unknown model file type (expected .onnx)"))),
+        _ => Err(Error::Usage(format!(
+            "{model}: unknown model file type (expected .onnx, or .pt for TorchScript)"
+        ))),
     }
 }
 

@@ -24,6 +24,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Find how to shard the training step of a model over a device mesh.
     Plan(PlanArgs),
+    /// Train a model with its plan on simulated ranks (CPU), on synthetic data.
+    Run(RunArgs),
     /// Benchmarks that write reports.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -70,7 +72,7 @@ struct PlanArgs {
     /// Per-device memory budget, e.g. 40GiB (default: the GPU's memory).
     #[arg(long)]
     memory: Option<String>,
-    /// auto (the solver's choice) or a hand-written family priced by the same model: dp, tp, fsdp.
+    /// auto (the solver's choice) or a hand-written family priced by the same model: dp, tp, fsdp, sp.
     #[arg(long, default_value = "auto")]
     strategy: String,
     /// ILP backend: cbc, or highs (when built with the `highs` feature).
@@ -96,6 +98,42 @@ struct PlanArgs {
     /// as JSON, for debugging the solver apart from the graph.
     #[arg(long = "dump-problem")]
     dump_problem: Option<std::path::PathBuf>,
+    /// Print rank R's program (the generator's output, in text form) instead of the tables.
+    #[arg(long = "dump-rank", value_name = "R")]
+    dump_rank: Option<usize>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// Where the ranks run: cpu (one thread per rank, in-process collectives).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Training steps.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Run this plan (from `autopar plan -o`) instead of solving.
+    #[arg(long = "plan")]
+    plan_file: Option<std::path::PathBuf>,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Seed of the synthetic data and of the weights the model does not carry.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also run the first step on one device and compare loss, gradients and updated
+    /// parameters; exit non-zero when the relative error exceeds --tolerance.
+    #[arg(long)]
+    verify: bool,
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f64,
+    /// Write the trained parameters (whole, safetensors) here.
+    #[arg(long)]
+    save: Option<std::path::PathBuf>,
+    /// Start from these parameters (a --save checkpoint of the same model, any mesh).
+    #[arg(long)]
+    resume: Option<std::path::PathBuf>,
 }
 
 /// How a model is chosen and shaped (shared by the commands that load one).
@@ -320,6 +358,19 @@ fn plan(a: &PlanArgs) -> Result<()> {
         autopar::load_model(&a.model.model, &opts)
     })?;
     let plan = progress.phase("planning", || autopar::plan_model(&model, &opts, &po))?;
+    if let Some(rank) = a.dump_rank {
+        anyhow::ensure!(
+            rank < plan.mesh.num_devices(),
+            "--dump-rank {rank}: mesh {} has ranks 0 to {}",
+            plan.mesh.name(),
+            plan.mesh.num_devices() - 1
+        );
+        let tg = autopar::build_training(&model, &opts)?;
+        let program = autopar::generator::generate(&tg, &plan)?;
+        autopar::generator::verify(&program)?;
+        print!("{}", program.rank_view(rank));
+        return Ok(());
+    }
     if let Some(path) = &a.output {
         let text = serde_json::to_string_pretty(&plan)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -449,6 +500,187 @@ fn plan(a: &PlanArgs) -> Result<()> {
         "time                  strategies {:.3} s, ILP build {:.3} s, solve {:.3} s, total {:.3} s",
         r.strategies_s, r.build_s, r.solve_s, r.total_s
     );
+    Ok(())
+}
+
+/// Largest relative error (max |a - b| / max |b|) over paired whole tensors.
+fn max_rel_err(
+    a: &[autopar::runtime::weights::NamedTensor],
+    b: &[autopar::runtime::weights::NamedTensor],
+) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|((_, _, x), (_, _, y))| {
+            let scale = y
+                .iter()
+                .fold(0.0f64, |m, &v| m.max(v.abs() as f64))
+                .max(1e-12);
+            let diff = x
+                .iter()
+                .zip(y)
+                .fold(0.0f64, |m, (&p, &q)| m.max((p as f64 - q as f64).abs()));
+            diff / scale
+        })
+        .fold(0.0, f64::max)
+}
+
+/// [`max_rel_err`] of updated parameters, leaving out the elements whose reference gradient
+/// is at the noise floor (|g| <= 1e-4 max |g| of its tensor): there AdamW's normalised update
+/// `g / (|g| + eps)` turns rounding noise of either run into a full step of either sign.
+fn max_rel_err_above_noise(
+    a: &[autopar::runtime::weights::NamedTensor],
+    b: &[autopar::runtime::weights::NamedTensor],
+    grads: &[autopar::runtime::weights::NamedTensor],
+) -> f64 {
+    a.iter()
+        .zip(b)
+        .zip(grads)
+        .map(|(((_, _, x), (_, _, y)), (_, _, g))| {
+            let scale = y
+                .iter()
+                .fold(0.0f64, |m, &v| m.max(v.abs() as f64))
+                .max(1e-12);
+            let floor = 1e-4 * g.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64));
+            let diff = x
+                .iter()
+                .zip(y)
+                .zip(g)
+                .filter(|(_, &gi)| (gi as f64).abs() > floor)
+                .fold(0.0f64, |m, ((&p, &q), _)| {
+                    m.max((p as f64 - q as f64).abs())
+                });
+            diff / scale
+        })
+        .fold(0.0, f64::max)
+}
+
+fn run(a: &RunArgs) -> Result<()> {
+    use autopar::runtime::exec::OptimizerConfig;
+    anyhow::ensure!(
+        a.device == "cpu",
+        "--device {}: this build runs on cpu (simulated ranks); the CUDA runtime is not built in",
+        a.device
+    );
+    anyhow::ensure!(a.steps >= 1, "--steps must be at least 1");
+    let opts = load_options(&a.plan.model)?;
+    let po = plan_options(&a.plan)?;
+    let optimizer = match a.plan.optimizer {
+        OptimizerArg::Adamw => OptimizerConfig::AdamW {
+            lr: a.lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        OptimizerArg::Sgd => OptimizerConfig::Sgd {
+            lr: a.lr,
+            momentum: 0.0,
+            weight_decay: 0.0,
+        },
+        OptimizerArg::SgdMomentum => OptimizerConfig::Sgd {
+            lr: a.lr,
+            momentum: 0.9,
+            weight_decay: 0.0,
+        },
+    };
+    anyhow::ensure!(
+        matches!(po.policy, DTypePolicy::Fp32),
+        "--dtype bf16: the CPU runtime trains in fp32"
+    );
+    let use_plan = match &a.plan_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading plan {}", path.display()))?;
+            let plan: autopar::solver::plan::Plan = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not an autopar plan", path.display()))?;
+            Some(plan)
+        }
+        None => None,
+    };
+    let mut auto = autopar::AutoOptions::new(&po.mesh_shape);
+    auto.plan = po.clone();
+    auto.use_plan = use_plan;
+    auto.optimizer = optimizer;
+    auto.seed = a.seed;
+    let mut progress = Progress::new();
+    let par = progress.phase("planning and generating", || {
+        autopar::autoparallelize(&a.plan.model.model, &opts, &auto)
+    })?;
+    let graph = match &a.resume {
+        Some(path) => par.with_checkpoint(path)?,
+        None => par.training.graph.clone(),
+    };
+    let trainer = progress.phase("loading weights", || par.trainer_with(&graph))?;
+    let batch = par.synthetic_batch(a.seed);
+    let g = &par.training.graph;
+    let tokens = g
+        .inputs
+        .iter()
+        .find(|&&v| g.ty(v).dtype.is_int() && g.ty(v).rank() == 2)
+        .map(|&v| (g.ty(v).numel(), "tokens"))
+        .or_else(|| {
+            g.inputs
+                .first()
+                .and_then(|&v| g.ty(v).shape.first().map(|&b| (b, "samples")))
+        })
+        .unwrap_or((1, "steps"));
+    println!(
+        "{} on {} simulated ranks (mesh {}), strategy {}, predicted step {:.3} ms on {}",
+        par.plan.model,
+        par.program.world_size(),
+        par.plan.mesh.name(),
+        par.plan.family,
+        par.plan.predicted.step_s * 1e3,
+        par.plan.cluster.name
+    );
+    let mut failed = None;
+    for step in 1..=a.steps {
+        let report = if a.verify && step == 1 {
+            let r = trainer.step_with_grads(&batch)?;
+            let mut one_opts = auto.clone();
+            one_opts.plan.mesh_shape = vec![1];
+            one_opts.use_plan = None;
+            let one = autopar::autoparallelize(&a.plan.model.model, &opts, &one_opts)?;
+            let one_trainer = one.trainer_with(&graph)?;
+            let r1 = one_trainer.step_with_grads(&batch)?;
+            let loss_err = (r.loss - r1.loss).abs() / r1.loss.abs().max(1e-12);
+            let grad_err = max_rel_err(&r.grads, &r1.grads);
+            let (pn, p1) = (trainer.params()?, one_trainer.params()?);
+            let param_all = max_rel_err(&pn, &p1);
+            let param_err = max_rel_err_above_noise(&pn, &p1, &r1.grads);
+            let worst = loss_err.max(grad_err).max(param_err);
+            println!(
+                "verify: one device vs {} ranks: loss {loss_err:.2e}, gradients {grad_err:.2e}, updated parameters {param_err:.2e} ({param_all:.2e} with elements whose gradient is at the noise floor)",
+                par.program.world_size()
+            );
+            println!("max_rel_err {worst:.3e} (tolerance {:.0e})", a.tolerance);
+            if worst.is_nan() || worst > a.tolerance {
+                failed = Some(worst);
+            }
+            r
+        } else {
+            trainer.step(&batch)?
+        };
+        println!(
+            "step {step:>4}  loss {:.6}  {:.0} {}/s  measured {:.1} ms  predicted {:.3} ms ({})",
+            report.loss,
+            tokens.0 as f64 / report.seconds,
+            tokens.1,
+            report.seconds * 1e3,
+            par.plan.predicted.step_s * 1e3,
+            par.plan.cluster.name
+        );
+    }
+    if let Some(path) = &a.save {
+        trainer.save(path)?;
+        println!("saved the parameters to {}", path.display());
+    }
+    if let Some(worst) = failed {
+        anyhow::bail!(
+            "verification failed: max_rel_err {worst:.3e} exceeds the tolerance {:.0e}",
+            a.tolerance
+        );
+    }
     Ok(())
 }
 
@@ -582,6 +814,7 @@ fn main() {
     let r = match &cli.command {
         Command::Inspect(a) => inspect(a),
         Command::Plan(a) => plan(a),
+        Command::Run(a) => run(a),
         Command::Bench(BenchCommand::Solver(a)) => bench_solver(a),
     };
     if let Err(e) = r {

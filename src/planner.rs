@@ -66,6 +66,11 @@ pub enum Family {
     /// Fully sharded data parallel: data parallel compute, parameters stored sharded over all
     /// mesh axes (all-gathered before use, gradients reduce-scattered).
     Fsdp,
+    /// Megatron tensor parallel plus sequence parallelism: as [`Family::Tp`] for ops that
+    /// contract (matmuls), while the ops between them (norms, dropout, residual adds,
+    /// softmax: no contracted axis) split the token sequence on the tensor-parallel axis
+    /// wherever it divides, instead of running replicated there.
+    Sp,
 }
 
 impl Family {
@@ -75,6 +80,7 @@ impl Family {
             Family::Dp => "dp",
             Family::Tp => "tp",
             Family::Fsdp => "fsdp",
+            Family::Sp => "sp",
         }
     }
 }
@@ -87,8 +93,9 @@ impl std::str::FromStr for Family {
             "dp" => Ok(Family::Dp),
             "tp" => Ok(Family::Tp),
             "fsdp" => Ok(Family::Fsdp),
+            "sp" => Ok(Family::Sp),
             _ => Err(format!(
-                "unknown strategy {s:?}: expected auto, dp, tp or fsdp"
+                "unknown strategy {s:?}: expected auto, dp, tp, fsdp or sp"
             )),
         }
     }
@@ -344,6 +351,25 @@ impl<'a> Builder<'a> {
                         None => true,
                     }
             }
+            Family::Sp => {
+                let axes = op_axes(self.g, n);
+                let contracts = axes
+                    .axes
+                    .iter()
+                    .any(|&(size, k)| k == AxisKind::Contracted && size > 1);
+                let seq = self.sequence_axis[n.0 as usize];
+                let tp = s.assignment.get(last).copied().flatten();
+                let size = self.mesh.axis_size(last);
+                let seq_splits = size > 1 && seq.is_some_and(|q| axes.axes[q].0 % size == 0);
+                dp_axes_ok(0..last)
+                    && if contracts || !seq_splits {
+                        // tensor parallel, as Tp
+                        tp.is_none_or(|a| Some(a) != batch && Some(a) != seq)
+                    } else {
+                        // between the tensor-parallel regions: the sequence
+                        tp == seq
+                    }
+            }
         }
     }
 
@@ -356,7 +382,7 @@ impl<'a> Builder<'a> {
         match (role, self.opts.family) {
             (_, Family::Auto) => true,
             (TensorRole::Param, Family::Dp) => spec.used_axes().next().is_none(),
-            (TensorRole::Param, Family::Tp) => spec.used_axes().all(|m| m == last),
+            (TensorRole::Param, Family::Tp | Family::Sp) => spec.used_axes().all(|m| m == last),
             (TensorRole::Param, Family::Fsdp) => {
                 // sharded over every mesh axis of size > 1 when some dim allows it
                 let wanted: usize = self.mesh.num_devices();

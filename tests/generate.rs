@@ -26,7 +26,13 @@ fn program(model: &str, mesh: &[usize], family: Family) -> autopar_generator::Pr
 fn builtins_generate_verified_programs() {
     for model in ["mlp", "gpt2", "llama-1b"] {
         for mesh in [&[2][..], &[2, 2], &[2, 4]] {
-            for family in [Family::Auto, Family::Dp, Family::Tp, Family::Fsdp] {
+            for family in [
+                Family::Auto,
+                Family::Dp,
+                Family::Tp,
+                Family::Fsdp,
+                Family::Sp,
+            ] {
                 program(model, mesh, family);
             }
         }

@@ -5,9 +5,9 @@
 
 use autopar::planner::{Family, PlanOptions};
 use autopar::solver::cluster::Cluster;
-use autopar::{build_training, load_model, models, LoadOptions};
+use autopar::{autoparallelize, build_training, load_model, models, AutoOptions, LoadOptions};
 use autopar_analyzer::graph::ValueDef;
-use autopar_generator::{generate, verify};
+use autopar_generator::generate;
 use autopar_runtime::exec::OptimizerConfig;
 use autopar_runtime::session::Session;
 use autopar_runtime::weights::NamedTensor;
@@ -19,31 +19,48 @@ struct Outcome {
     params: Vec<NamedTensor>,
 }
 
-fn run(model: &str, mesh: &[usize], family: Family, opt: OptimizerConfig) -> Outcome {
-    autopar_runtime::tch::set_num_threads(1);
-    let opts = LoadOptions {
+fn tiny(model: &str) -> LoadOptions {
+    LoadOptions {
         overrides: models::tiny(model).unwrap(),
         ..Default::default()
-    };
-    let m = load_model(model, &opts).unwrap();
-    let tg = build_training(&m, &opts).unwrap();
-    let mut po = PlanOptions::new(mesh.to_vec(), Cluster::preset("h100").unwrap());
-    po.family = family;
-    let plan = autopar::plan_model(&m, &opts, &po).unwrap();
-    let p = generate(&tg, &plan).unwrap();
-    verify(&p).unwrap();
-    let built = models::build(model, &opts.overrides).unwrap();
-    let mut feeds = models::random_feeds(&tg.graph, &built.config, 7);
-    feeds.retain(|v, _| matches!(tg.graph.value(*v).def, ValueDef::Input));
-    let s = Session::new(Arc::new(p), &tg.graph, std::path::Path::new("."), 1, opt).unwrap();
-    let r = s
-        .step(&feeds, true)
+    }
+}
+
+/// One training step of `model` on `mesh` under `family`, through `autoparallelize`.
+fn run_with(
+    model: &str,
+    opts: &LoadOptions,
+    mesh: &[usize],
+    family: Family,
+    opt: OptimizerConfig,
+) -> Outcome {
+    autopar_runtime::tch::set_num_threads(1);
+    let mut auto = AutoOptions::new(mesh);
+    auto.plan.family = family;
+    auto.optimizer = opt;
+    auto.seed = 1;
+    let par = autoparallelize(model, opts, &auto)
+        .unwrap_or_else(|e| panic!("{model} on {mesh:?} {family:?}: {e}"));
+    if mesh.iter().product::<usize>() > 1 && family != Family::Auto {
+        assert!(
+            !par.program.issued(0).is_empty(),
+            "{model} {mesh:?} {family:?} communicates nothing"
+        );
+    }
+    let batch = par.synthetic_batch(7);
+    let trainer = par.trainer().unwrap();
+    let r = trainer
+        .step_with_grads(&batch)
         .unwrap_or_else(|e| panic!("{model} on {mesh:?} {family:?}: {e}"));
     Outcome {
         loss: r.loss,
         grads: r.grads,
-        params: s.params().unwrap(),
+        params: trainer.params().unwrap(),
     }
+}
+
+fn run(model: &str, mesh: &[usize], family: Family, opt: OptimizerConfig) -> Outcome {
+    run_with(model, &tiny(model), mesh, family, opt)
 }
 
 fn max_rel(a: &[NamedTensor], b: &[NamedTensor]) -> (f64, String) {
@@ -66,16 +83,21 @@ fn max_rel(a: &[NamedTensor], b: &[NamedTensor]) -> (f64, String) {
     worst
 }
 
+const SGD: OptimizerConfig = OptimizerConfig::Sgd {
+    lr: 0.1,
+    momentum: 0.9,
+    weight_decay: 0.01,
+};
+
 fn check(model: &str, meshes: &[&[usize]], families: &[Family]) {
-    let sgd = OptimizerConfig::Sgd {
-        lr: 0.1,
-        momentum: 0.9,
-        weight_decay: 0.01,
-    };
-    let one = run(model, &[1], Family::Auto, sgd);
+    check_with(model, &tiny(model), meshes, families)
+}
+
+fn check_with(model: &str, opts: &LoadOptions, meshes: &[&[usize]], families: &[Family]) {
+    let one = run_with(model, opts, &[1], Family::Auto, SGD);
     for &mesh in meshes {
         for &family in families {
-            let many = run(model, mesh, family, sgd);
+            let many = run_with(model, opts, mesh, family, SGD);
             let loss_err = (many.loss - one.loss).abs() / one.loss.abs().max(1e-12);
             let (g, gname) = max_rel(&many.grads, &one.grads);
             let (p, pname) = max_rel(&many.params, &one.params);
@@ -98,21 +120,27 @@ fn check(model: &str, meshes: &[&[usize]], families: &[Family]) {
     }
 }
 
-const FAMILIES: [Family; 4] = [Family::Auto, Family::Dp, Family::Tp, Family::Fsdp];
+const FAMILIES: [Family; 5] = [
+    Family::Auto,
+    Family::Dp,
+    Family::Tp,
+    Family::Fsdp,
+    Family::Sp,
+];
 
 #[test]
 fn mlp_matches_single_device() {
-    check("mlp", &[&[2], &[4], &[2, 2], &[2, 4]], &FAMILIES);
+    check("mlp", &MESHES, &FAMILIES);
 }
 
 #[test]
 fn gpt2_matches_single_device() {
-    check("gpt2", &[&[2], &[4], &[2, 2], &[2, 4]], &FAMILIES);
+    check("gpt2", &MESHES, &FAMILIES);
 }
 
 #[test]
 fn llama_matches_single_device() {
-    check("llama-1b", &[&[2], &[4], &[2, 2], &[2, 4]], &FAMILIES);
+    check("llama-1b", &MESHES, &FAMILIES);
 }
 
 /// The single-device runtime against the analyzer's f64 reference evaluator: loss and every
@@ -189,35 +217,146 @@ fn single_device_matches_reference() {
     }
 }
 
+const MESHES: [&[usize]; 4] = [&[2], &[4], &[2, 2], &[2, 4]];
+
+fn corpus() -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus");
+    dir.is_dir().then_some(dir)
+}
+
+/// The `.full.onnx` corpus files (real PyTorch exports with their weights): the runtime's
+/// forward equals onnxruntime's outputs, and N ranks equal one device.
 #[test]
-#[ignore]
-fn debug_gpt2() {
-    let sgd = OptimizerConfig::Sgd {
-        lr: 0.1,
-        momentum: 0.9,
-        weight_decay: 0.01,
+fn corpus_full_onnx_forward_matches_onnxruntime() {
+    let Some(dir) = corpus() else {
+        eprintln!("shared/corpus not found: skipped");
+        return;
     };
-    let one = run("gpt2", &[1], Family::Auto, sgd);
-    let many = run("gpt2", &[2], Family::Auto, sgd);
-    for ((n, s, a), (_, _, b)) in one.grads.iter().zip(&many.grads) {
-        let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        let d: f64 = a
+    autopar_runtime::tch::set_num_threads(1);
+    for (file, reference, tol) in [
+        (
+            "mlp_tiny/mlp_tiny.dynamo.full.onnx",
+            "mlp_tiny/mlp_tiny.dynamo.ref.json",
+            1e-4,
+        ),
+        (
+            "gpt2_tiny/gpt2_tiny.dynamo.full.onnx",
+            "gpt2_tiny/gpt2_tiny.dynamo.ref.json",
+            1e-3,
+        ),
+        (
+            "gpt2_tiny/gpt2_tiny.train.ts.full.onnx",
+            "gpt2_tiny/gpt2_tiny.train.ts.ref.json",
+            1e-3,
+        ),
+        (
+            "llama_tiny/llama_tiny.train.ts.full.onnx",
+            "llama_tiny/llama_tiny.train.ts.ref.json",
+            1e-3,
+        ),
+    ] {
+        let path = dir.join(file);
+        let m = load_model(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let r = autopar_analyzer::reference::read_reference(&dir.join(reference)).unwrap();
+        let feeds = m
+            .graph
+            .inputs
             .iter()
-            .zip(b)
-            .map(|(x, y)| ((*x - *y) as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        eprintln!("{n} {s:?} {na:.4e} {nb:.4e} diff {d:.3e}");
-        if n == "wte.weight" {
-            let cols = s[1];
-            for r in 0..4 {
-                eprintln!(
-                    "row {r}: {:?} vs {:?}",
-                    &a[r * cols..r * cols + 4],
-                    &b[r * cols..r * cols + 4]
-                );
-            }
+            .map(|&v| {
+                let name = &m.graph.value(v).name;
+                let t = r.inputs.iter().find(|(n, _)| n == name).unwrap();
+                (v, t.1.clone())
+            })
+            .collect();
+        let outs = autopar_runtime::exec::run_graph(
+            &m.graph,
+            &feeds,
+            path.parent().unwrap(),
+            0,
+            autopar_runtime::tch::Device::Cpu,
+        )
+        .unwrap();
+        for (got, (name, want)) in outs.iter().zip(&r.outputs) {
+            let got = autopar_runtime::lower::from_tch(got).unwrap();
+            assert_eq!(got.shape, want.shape, "{file}: {name}");
+            let err = got.max_rel_err(want, 1e-3);
+            eprintln!("{file}: {name} max rel err {err:.2e}");
+            assert!(
+                err < tol,
+                "{file}: output {name} differs from onnxruntime by {err:.2e}"
+            );
         }
     }
+}
+
+fn corpus_oracle(file: &str, loss: autopar::LossChoice) {
+    let Some(dir) = corpus() else {
+        eprintln!("shared/corpus not found: skipped");
+        return;
+    };
+    let path = dir.join(file);
+    let opts = LoadOptions {
+        loss,
+        ..Default::default()
+    };
+    check_with(path.to_str().unwrap(), &opts, &MESHES, &FAMILIES);
+}
+
+#[test]
+fn corpus_mlp_matches_single_device() {
+    corpus_oracle(
+        "mlp_tiny/mlp_tiny.dynamo.full.onnx",
+        autopar::LossChoice::Mean { output: "y".into() },
+    );
+}
+
+#[test]
+fn corpus_gpt2_matches_single_device() {
+    corpus_oracle(
+        "gpt2_tiny/gpt2_tiny.train.ts.full.onnx",
+        autopar::LossChoice::Auto,
+    );
+    corpus_oracle(
+        "gpt2_tiny/gpt2_tiny.dynamo.full.onnx",
+        autopar::LossChoice::Auto,
+    );
+}
+
+#[test]
+fn corpus_llama_matches_single_device() {
+    corpus_oracle(
+        "llama_tiny/llama_tiny.train.ts.full.onnx",
+        autopar::LossChoice::Auto,
+    );
+}
+
+/// AdamW on sharded parameter blocks (FSDP, and tensor parallel on 2x2) equals AdamW on one
+/// device. eps is large enough that gradients at the rounding-noise floor (e.g. the key bias,
+/// whose exact gradient is 0) do not turn into full normalised steps.
+#[test]
+fn adamw_on_shards_matches_single_device() {
+    let adamw = OptimizerConfig::AdamW {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-3,
+        weight_decay: 0.1,
+    };
+    let one = run("gpt2", &[1], Family::Auto, adamw);
+    for (mesh, family) in [(&[4][..], Family::Fsdp), (&[2, 2][..], Family::Tp)] {
+        let many = run("gpt2", mesh, family, adamw);
+        let (p, name) = max_rel(&many.params, &one.params);
+        assert!(p <= 1e-4, "{mesh:?} {family:?}: updated {name} off by {p:.2e}");
+        let moved = max_rel(&many.params, &run_untrained_params());
+        assert!(moved.0 > 1e-3, "AdamW moved the parameters");
+    }
+}
+
+fn run_untrained_params() -> Vec<NamedTensor> {
+    let zero = OptimizerConfig::Sgd {
+        lr: 0.0,
+        momentum: 0.0,
+        weight_decay: 0.0,
+    };
+    run("gpt2", &[1], Family::Auto, zero).params
 }

@@ -244,3 +244,37 @@ fn tp_is_megatron_style_tensor_parallel() {
         }
     }
 }
+
+#[test]
+fn sp_splits_the_sequence_between_tensor_parallel_regions() {
+    let p = plan(
+        "gpt2",
+        &[("batch", "4"), ("seq", "256")],
+        &[2, 2],
+        Family::Sp,
+        None,
+    )
+    .expect("plan");
+    let norm = p
+        .nodes
+        .iter()
+        .find(|n| n.name == "h.0.ln_2")
+        .expect("h.0.ln_2 is planned");
+    // [batch, seq, hidden]: batch over axis 0, sequence over the tensor-parallel axis 1
+    assert_eq!(
+        norm.outputs[0].dims,
+        vec![vec![0], vec![1], vec![]],
+        "{}",
+        norm.notation
+    );
+    let qkv = p
+        .nodes
+        .iter()
+        .find(|n| n.name == "h.0.attn.c_attn")
+        .expect("qkv");
+    assert!(
+        qkv.outputs[0].dims[1].is_empty(),
+        "the QKV projection is column parallel, not sequence split: {}",
+        qkv.notation
+    );
+}

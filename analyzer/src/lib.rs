@@ -10,6 +10,7 @@ pub mod graph;
 pub mod onnx;
 pub mod ops;
 pub mod profile;
+pub mod reference;
 pub mod tensor;
 pub mod text;
 pub mod train;

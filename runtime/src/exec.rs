@@ -595,3 +595,93 @@ fn run_move(
         }
     }
 }
+
+/// Runs `graph` once on one device, without a plan: every node through the one lowering,
+/// weights from the graph (inline, external files under `base_dir`, else the seeded init),
+/// `feeds` for its data inputs. Returns the graph's outputs in order. What the runtime's
+/// forward is checked with against reference outputs (onnxruntime, PyTorch).
+pub fn run_graph(
+    graph: &Graph,
+    feeds: &HashMap<ValueId, autopar_analyzer::Tensor>,
+    base_dir: &Path,
+    seed: u64,
+    device: Device,
+) -> Result<Vec<Tensor>, ExecError> {
+    let _guard = tch::no_grad_guard();
+    let mut vals: Vec<Option<Tensor>> = (0..graph.values.len()).map(|_| None).collect();
+    for (v, d) in graph.values.iter() {
+        let kind = lower::kind_of(d.ty.dtype);
+        let t = match &d.def {
+            ValueDef::Input => {
+                let t = feeds.get(&v).ok_or_else(|| {
+                    ExecError::Input(format!("no data for input {v} ({})", d.name))
+                })?;
+                if t.shape != d.ty.shape {
+                    return Err(ExecError::Input(format!(
+                        "input {} has shape {:?}, the model expects {}",
+                        d.name, t.shape, d.ty
+                    )));
+                }
+                lower::to_tch(t, device).map_err(|source| ExecError::Lower {
+                    place: format!("input {}", d.name),
+                    source,
+                })?
+            }
+            ValueDef::Param { data } | ValueDef::Buffer { data } => {
+                let full = weights::load_weight(&d.name, &d.ty, data, base_dir, seed)?;
+                let shape: Vec<i64> = d.ty.shape.iter().map(|&n| n as i64).collect();
+                Tensor::from_slice(&full)
+                    .f_reshape(&shape)
+                    .and_then(|t| t.f_to_kind(kind))
+                    .and_then(|t| t.f_to(device))
+                    .map_err(torch_err(&d.name))?
+            }
+            ValueDef::Const(c) => lower::to_tch(c, device).map_err(|source| ExecError::Lower {
+                place: format!("constant {v}"),
+                source,
+            })?,
+            ValueDef::Node { .. } => continue,
+        };
+        vals[v.0 as usize] = Some(t);
+    }
+    for (n, node) in graph.nodes.iter() {
+        let place = format!("node {n} ({})", node.name);
+        let ins: Vec<&Tensor> = node
+            .inputs
+            .iter()
+            .map(|v| {
+                vals[v.0 as usize]
+                    .as_ref()
+                    .ok_or_else(|| ExecError::Input(format!("{place}: input {v} is not computed")))
+            })
+            .collect::<Result<_, _>>()?;
+        let types: Vec<TensorType> = node.inputs.iter().map(|&v| graph.ty(v).clone()).collect();
+        let outs: Vec<TensorType> = node.outputs.iter().map(|&v| graph.ty(v).clone()).collect();
+        let offsets: Vec<Vec<usize>> = types.iter().map(|t| vec![0; t.rank()]).collect();
+        let mut identity = lower::identity_sum;
+        let mut ctx = LowerCtx {
+            outputs: &outs,
+            global_inputs: &types,
+            global_outputs: &outs,
+            input_offsets: &offsets,
+            group_sum: &mut identity,
+            rng_step: 0,
+            device,
+        };
+        let results = lower::lower(&node.op, &ins, &mut ctx)
+            .map_err(|source| ExecError::Lower { place, source })?;
+        for (&v, t) in node.outputs.iter().zip(results) {
+            vals[v.0 as usize] = Some(t);
+        }
+    }
+    graph
+        .outputs
+        .iter()
+        .map(|v| {
+            vals[v.0 as usize]
+                .as_ref()
+                .map(Tensor::shallow_clone)
+                .ok_or_else(|| ExecError::Input(format!("output {v} is not computed")))
+        })
+        .collect()
+}

@@ -91,11 +91,7 @@ impl Session {
             let out = st
                 .step(&mut comm, feeds, keep_grads)
                 .map_err(|e| e.to_string())?;
-            let grads: Vec<Vec<f32>> = out
-                .grads
-                .iter()
-                .map(to_f32)
-                .collect::<Result<_, _>>()?;
+            let grads: Vec<Vec<f32>> = out.grads.iter().map(to_f32).collect::<Result<_, _>>()?;
             Ok((out.loss, grads))
         })?;
         let seconds = t0.elapsed().as_secs_f64();

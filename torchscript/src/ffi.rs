@@ -62,12 +62,16 @@ impl Archive {
         if handle.is_null() {
             return Err(err.unwrap_or_else(|| "libtorch failed to load it".into()));
         }
-        let archive = Archive {
+        // own the handle at once, so it is freed on every path
+        let mut archive = Archive {
             handle,
             json: String::new(),
         };
         match json {
-            Some(json) => Ok(Archive { json, ..archive }),
+            Some(json) => {
+                archive.json = json;
+                Ok(archive)
+            }
             None => Err("libtorch returned no graph description".into()),
         }
     }

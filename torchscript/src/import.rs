@@ -33,8 +33,11 @@ fn node_error(node: &Node, reason: String) -> AnalyzerError {
     }
 }
 
+/// Reads the bytes of tensor-table entry `i` (`len` bytes).
+pub type TensorBytes<'a> = &'a dyn Fn(usize, usize) -> Result<Vec<u8>, String>;
+
 struct Importer<'a> {
-    archive: &'a Archive,
+    bytes: TensorBytes<'a>,
     dump: &'a Dump,
     b: GraphBuilder,
     vals: HashMap<u64, Val>,
@@ -66,11 +69,10 @@ impl Importer<'_> {
             .map(|&d| usize::try_from(d).map_err(|_| format!("{what} has shape {:?}", info.shape)))
             .collect::<Result<_, _>>()?;
         let ty = TensorType::new(dtype, shape.clone());
-        let bytes = || -> Result<Vec<u8>, String> {
-            self.archive
-                .tensor_bytes(i, ty.size_bytes())
-                .map_err(|e| format!("{what}: {e}"))
-        };
+        let nbytes = ty.size_bytes();
+        let read = self.bytes;
+        let bytes =
+            || -> Result<Vec<u8>, String> { read(i, nbytes).map_err(|e| format!("{what}: {e}")) };
         let data = || -> Result<WeightData, String> {
             Ok(if info.stripped {
                 WeightData::Absent
@@ -333,11 +335,20 @@ pub fn import(path: &Path, opts: &ImportOptions) -> Result<TorchScriptModel, Ana
     })?;
     let dump: Dump = serde_json::from_str(&archive.json)
         .map_err(|e| file_err(format!("the shim's graph description is malformed: {e}")))?;
+    import_dump(&dump, &|i, len| archive.tensor_bytes(i, len), opts)
+}
+
+/// Imports a graph description; `bytes` reads tensor data.
+pub(crate) fn import_dump(
+    dump: &Dump,
+    bytes: TensorBytes<'_>,
+    opts: &ImportOptions,
+) -> Result<TorchScriptModel, AnalyzerError> {
     let mut b = GraphBuilder::new();
     b.fold_constants = true;
     let mut im = Importer {
-        archive: &archive,
-        dump: &dump,
+        bytes,
+        dump,
         b,
         vals: HashMap::new(),
         tensors: HashMap::new(),

@@ -1,0 +1,314 @@
+//! Every TorchScript archive of the shared corpus (`*.jit.pt` with emptied weight records,
+//! `*.jit.full.pt` with real weights) imports; its outputs have the traced shapes; its
+//! parameter count equals `manifest.json`'s `graph_params`; the loss is found; and the tiny
+//! models with real weights, run by the analyzer's f64 reference evaluator, reproduce
+//! PyTorch's outputs (the corpus reference data of the same model, eval mode).
+//!
+//! The corpus lives in `shared/corpus` next to an ancestor of this crate; without it the tests
+//! say so and pass.
+
+use autopar_analyzer::graph::{ValueDef, WeightData};
+use autopar_analyzer::onnx::{ImportOptions, InputOverride};
+use autopar_analyzer::{AnalyzerError, DType, Tensor};
+use autopar_torchscript::{import_torchscript, TorchScriptModel};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+fn corpus_dir() -> Option<PathBuf> {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .map(|a| a.join("shared").join("corpus"))
+        .find(|p| p.join("manifest.json").is_file())
+}
+
+struct Entry {
+    file: String,
+    graph_params: u64,
+    /// `(shape, dtype)` of the traced outputs.
+    outputs: Vec<(Vec<usize>, String)>,
+}
+
+fn jit_entries(dir: &Path) -> Vec<Entry> {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json");
+    let manifest: Value = serde_json::from_str(&text).expect("manifest json");
+    let mut out = vec![];
+    for e in manifest.as_array().expect("manifest is a list") {
+        let outputs: Vec<(Vec<usize>, String)> = e["outputs"]
+            .as_array()
+            .map(|os| {
+                os.iter()
+                    .map(|o| {
+                        let shape = o["shape"]
+                            .as_array()
+                            .expect("shape")
+                            .iter()
+                            .map(|d| d.as_u64().expect("dim") as usize)
+                            .collect();
+                        (shape, o["dtype"].as_str().expect("dtype").to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for f in e["files"].as_array().into_iter().flatten() {
+            let file = f["file"].as_str().expect("file");
+            if !file.ends_with(".pt") || !dir.join(file).is_file() {
+                continue;
+            }
+            out.push(Entry {
+                file: file.to_string(),
+                graph_params: f["graph_params"].as_u64().expect("graph_params"),
+                outputs: outputs.clone(),
+            });
+        }
+    }
+    out
+}
+
+fn import(dir: &Path, file: &str) -> (TorchScriptModel, f64) {
+    let t0 = Instant::now();
+    let m = import_torchscript(&dir.join(file), &ImportOptions::default())
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+    (m, t0.elapsed().as_secs_f64())
+}
+
+#[test]
+fn every_corpus_archive_imports_with_manifest_params() {
+    let Some(dir) = corpus_dir() else {
+        eprintln!("shared/corpus not found: skipped");
+        return;
+    };
+    let entries = jit_entries(&dir);
+    assert!(
+        !entries.is_empty(),
+        "no .pt file of manifest.json is on disk"
+    );
+    let mut table = vec![];
+    for e in &entries {
+        let (m, secs) = import(&dir, &e.file);
+        let g = &m.graph;
+        assert_eq!(g.outputs.len(), e.outputs.len(), "{}: outputs", e.file);
+        for (&v, (shape, dtype)) in g.outputs.iter().zip(&e.outputs) {
+            let ty = g.ty(v);
+            assert_eq!(&ty.shape, shape, "{}: output {}", e.file, g.value_label(v));
+            let want = match dtype.as_str() {
+                "Float" => DType::F32,
+                "Long" => DType::I64,
+                other => panic!("dtype {other}"),
+            };
+            assert_eq!(ty.dtype, want, "{}: output {}", e.file, g.value_label(v));
+        }
+        assert_eq!(
+            g.param_count() as u64,
+            e.graph_params,
+            "{}: parameter elements",
+            e.file
+        );
+        // stripped archives: the big weights are absent; full ones carry every weight
+        let absent = g
+            .params()
+            .filter(|&p| {
+                matches!(
+                    g.value(p).def,
+                    ValueDef::Param {
+                        data: WeightData::Absent
+                    }
+                )
+            })
+            .count();
+        if e.file.ends_with(".jit.full.pt") {
+            assert_eq!(absent, 0, "{}: weights not imported", e.file);
+        } else {
+            assert!(absent > 0, "{}: stripped weights not absent", e.file);
+        }
+        if e.outputs.len() == 2 && e.outputs[0].0.is_empty() {
+            let loss = m
+                .loss
+                .unwrap_or_else(|| panic!("{}: no loss found", e.file));
+            assert_eq!(g.outputs[0], loss, "{}: the loss is output 0", e.file);
+            assert_eq!(g.value(loss).name, "loss");
+        }
+        table.push(format!(
+            "| {} | {} | {} | {} | {:.3} |",
+            e.file,
+            g.nodes.len(),
+            g.params().count(),
+            g.param_count(),
+            secs
+        ));
+    }
+    eprintln!("| file | IR nodes | params | param elements (= graph_params) | import s |");
+    eprintln!("|---|---|---|---|---|");
+    for row in table {
+        eprintln!("{row}");
+    }
+}
+
+type Named = Vec<(String, Tensor)>;
+
+/// The inputs and outputs stored in `<stem>.ref.json` / `.ref.bin`.
+fn reference(dir: &Path, json: &str) -> (Named, Named) {
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(json)).expect("ref json"))
+            .expect("ref json");
+    let parent = dir.join(json).parent().expect("parent").to_path_buf();
+    let bin = std::fs::read(parent.join(meta["bin"].as_str().expect("bin"))).expect("ref bin");
+    let (mut ins, mut outs) = (vec![], vec![]);
+    for t in meta["tensors"].as_array().expect("tensors") {
+        let dtype = DType::parse(t["dtype"].as_str().expect("dtype")).expect("known dtype");
+        let shape: Vec<usize> = t["shape"]
+            .as_array()
+            .expect("shape")
+            .iter()
+            .map(|d| d.as_u64().expect("dim") as usize)
+            .collect();
+        let off = t["offset"].as_u64().expect("offset") as usize;
+        let n = t["nbytes"].as_u64().expect("nbytes") as usize;
+        let tensor = Tensor::from_le_bytes(dtype, shape, &bin[off..off + n]).expect("tensor bytes");
+        let entry = (t["name"].as_str().expect("name").to_string(), tensor);
+        if t["kind"] == "input" {
+            ins.push(entry);
+        } else {
+            outs.push(entry);
+        }
+    }
+    (ins, outs)
+}
+
+/// Runs the imported archive on the reference inputs (fed in signature order) with its
+/// weights and compares every output.
+fn check_against_reference(dir: &Path, pt: &str, json: &str, tol: f64) {
+    if !dir.join(pt).is_file() || !dir.join(json).is_file() {
+        eprintln!("{pt} or {json} not in the corpus: skipped");
+        return;
+    }
+    let (m, _) = import(dir, pt);
+    let g = &m.graph;
+    let (ins, outs) = reference(dir, json);
+    assert_eq!(g.inputs.len(), ins.len(), "{pt}: inputs");
+    let mut feeds = HashMap::new();
+    for (&v, (_, t)) in g.inputs.iter().zip(&ins) {
+        feeds.insert(v, t.clone());
+    }
+    for (v, d) in g.values.iter() {
+        if let ValueDef::Param { data } | ValueDef::Buffer { data } = &d.def {
+            let WeightData::Inline(bytes) = data else {
+                panic!("{pt}: {} is not inline", d.name)
+            };
+            let t = Tensor::from_le_bytes(d.ty.dtype, d.ty.shape.clone(), bytes).expect("weight");
+            feeds.insert(v, t);
+        }
+    }
+    let vals = autopar_analyzer::eval::run(g, &feeds).unwrap_or_else(|e| panic!("{pt}: {e}"));
+    assert_eq!(g.outputs.len(), outs.len(), "{pt}: outputs");
+    for (&v, (name, want)) in g.outputs.iter().zip(&outs) {
+        let got = vals[v.0 as usize].as_ref().expect("output computed");
+        assert_eq!(got.shape, want.shape, "{pt}: {name}");
+        let err = got.max_rel_err(want, 1e-3);
+        eprintln!("{pt}: {name} max rel err {err:.2e}");
+        assert!(
+            err < tol,
+            "{pt}: output {name} differs from PyTorch by {err:.2e}"
+        );
+    }
+}
+
+#[test]
+fn mlp_tiny_matches_pytorch() {
+    let Some(dir) = corpus_dir() else {
+        eprintln!("shared/corpus not found: skipped");
+        return;
+    };
+    check_against_reference(
+        &dir,
+        "mlp_tiny/mlp_tiny.jit.full.pt",
+        "mlp_tiny/mlp_tiny.dynamo.ref.json",
+        1e-4,
+    );
+}
+
+#[test]
+fn gpt2_tiny_matches_pytorch() {
+    let Some(dir) = corpus_dir() else {
+        eprintln!("shared/corpus not found: skipped");
+        return;
+    };
+    check_against_reference(
+        &dir,
+        "gpt2_tiny/gpt2_tiny.jit.full.pt",
+        "gpt2_tiny/gpt2_tiny.dynamo.ref.json",
+        1e-3,
+    );
+}
+
+#[test]
+fn mixtral_tiny_batched_matches_pytorch_when_present() {
+    let Some(dir) = corpus_dir() else {
+        eprintln!("shared/corpus not found: skipped");
+        return;
+    };
+    // mixtral_tiny_batched.jit.full.pt is listed in the manifest but not kept in every corpus
+    check_against_reference(
+        &dir,
+        "mixtral_tiny_batched/mixtral_tiny_batched.jit.full.pt",
+        "mixtral_tiny_batched/mixtral_tiny_batched.dynamo.ref.json",
+        1e-3,
+    );
+}
+
+#[test]
+fn input_overrides_reshape_the_graph() {
+    let Some(dir) = corpus_dir() else {
+        eprintln!("shared/corpus not found: skipped");
+        return;
+    };
+    let path = dir.join("gpt2_tiny/gpt2_tiny.jit.pt");
+    let mut opts = ImportOptions::default();
+    for name in ["input_ids", "attention_mask", "labels"] {
+        opts.input_overrides
+            .push(InputOverride::new(name, [4, 32], None));
+    }
+    let m = import_torchscript(&path, &opts).expect("imports at another shape");
+    let g = &m.graph;
+    assert_eq!(g.ty(g.outputs[1]).shape, vec![4, 32, 1000]);
+    assert_eq!(g.ty(g.inputs[0]).dtype, DType::I64);
+    let opts = ImportOptions {
+        input_overrides: vec![InputOverride::new("tokens", [4, 32], None)],
+    };
+    let e = import_torchscript(&path, &opts).expect_err("unknown input");
+    assert!(
+        e.to_string()
+            .contains("inputs: input_ids, attention_mask, labels"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_files_are_clear_errors() {
+    let tmp = std::env::temp_dir().join(format!("autopar-ts-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("tmp dir");
+    let not_zip = tmp.join("model.pt");
+    std::fs::write(&not_zip, b"definitely not a zip archive").expect("write");
+    let e = import_torchscript(&not_zip, &ImportOptions::default()).expect_err("not a zip");
+    assert!(matches!(e, AnalyzerError::File { .. }), "{e:?}");
+    assert!(e.to_string().contains("not a TorchScript archive"), "{e}");
+
+    // a zip header with garbage after it: libtorch's reader rejects it, without a backtrace
+    let broken = tmp.join("broken.pt");
+    let mut bytes = b"PK\x03\x04".to_vec();
+    bytes.extend(std::iter::repeat_n(7u8, 200));
+    std::fs::write(&broken, &bytes).expect("write");
+    let e = import_torchscript(&broken, &ImportOptions::default()).expect_err("broken zip");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("could not load it as a TorchScript archive"),
+        "{msg}"
+    );
+    assert!(!msg.contains("frame #"), "{msg}");
+
+    let missing = tmp.join("missing.pt");
+    let e = import_torchscript(&missing, &ImportOptions::default()).expect_err("missing");
+    assert!(e.to_string().contains("cannot read"), "{e}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
