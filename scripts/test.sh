@@ -30,6 +30,10 @@ if ! command -v cmake >/dev/null 2>&1 || ! ls /usr/lib/llvm-*/lib/libclang*.so* 
     exit 1
   fi
 fi
+# libtorch 2.11 for tch 0.24 (the runtime's kernels), from the PyPI wheels into .libtorch/
+bash scripts/libtorch.sh
+# binaries carry an rpath to it (.cargo/config.toml); doctests and other runners need the path
+export LD_LIBRARY_PATH="$PWD/.libtorch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi

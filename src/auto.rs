@@ -111,11 +111,8 @@ pub fn autoparallelize(
     let program =
         autopar_generator::generate(&training, &plan).map_err(|e| Error::Usage(e.to_string()))?;
     autopar_generator::verify(&program).map_err(|e| Error::Usage(e.to_string()))?;
-    let weights_dir = Path::new(model)
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+    // importers record external weight files as opened from the working directory
+    let weights_dir = PathBuf::new();
     Ok(Parallelized {
         model: loaded,
         training,

@@ -662,11 +662,12 @@ fn run(a: &RunArgs) -> Result<()> {
             trainer.step(&batch)?
         };
         println!(
-            "step {step:>4}  loss {:.6}  {:.0} {}/s  measured {:.1} ms  predicted {:.3} ms ({})",
+            "step {step:>4}  loss {:.6}  {:.0} {}/s  measured {:.1} ms (collectives {:.1} ms)  predicted {:.3} ms ({})",
             report.loss,
             tokens.0 as f64 / report.seconds,
             tokens.1,
             report.seconds * 1e3,
+            report.comm_seconds * 1e3,
             par.plan.predicted.step_s * 1e3,
             par.plan.cluster.name
         );

@@ -155,3 +155,184 @@ fn plan_errors_are_clear() {
         assert!(!ok && err.contains("--features highs"), "{err}");
     }
 }
+
+const TINY_GPT2: [&str; 11] = [
+    "gpt2", "--batch", "2", "--seq", "16", "--layers", "2", "--hidden", "64", "--heads", "4",
+];
+
+fn tiny_gpt2_with(extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["run".into()];
+    v.extend(TINY_GPT2.iter().map(|s| s.to_string()));
+    v.extend(["--vocab".into(), "128".into()]);
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn autopar_owned(args: &[String]) -> (bool, String, String) {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    autopar(&refs)
+}
+
+#[test]
+fn run_trains_and_verifies_against_one_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("ckpt.safetensors");
+    let args = tiny_gpt2_with(&[
+        "--mesh",
+        "2x2",
+        "--steps",
+        "3",
+        "--verify",
+        "--lr",
+        "1e-2",
+        "--save",
+        ckpt.to_str().expect("utf8"),
+    ]);
+    let (ok, out, err) = autopar_owned(&args);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("max_rel_err"), "{out}");
+    let losses: Vec<f64> = out
+        .lines()
+        .filter(|l| l.starts_with("step"))
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            assert!(
+                l.contains("tokens/s") && l.contains("measured") && l.contains("predicted"),
+                "{l}"
+            );
+            w[3].parse().expect("loss")
+        })
+        .collect();
+    assert_eq!(losses.len(), 3, "{out}");
+    assert!(
+        losses[2] < losses[0],
+        "the loss falls on a repeated batch: {losses:?}"
+    );
+    // resume on another mesh: the first loss there is the trained model's
+    let args = tiny_gpt2_with(&[
+        "--mesh",
+        "4",
+        "--steps",
+        "1",
+        "--resume",
+        ckpt.to_str().expect("utf8"),
+    ]);
+    let (ok, out2, err) = autopar_owned(&args);
+    assert!(ok, "{out2}{err}");
+    let first: f64 = out2
+        .lines()
+        .find(|l| l.starts_with("step"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|w| w.parse().ok())
+        .expect("a step line");
+    assert!(
+        first < losses[0],
+        "resumed from the trained parameters: {first} vs {}",
+        losses[0]
+    );
+}
+
+#[test]
+fn run_refuses_a_plan_for_another_mesh_or_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan.json");
+    let mut args = vec!["plan".to_string()];
+    args.extend(TINY_GPT2.iter().map(|s| s.to_string()));
+    args.extend(
+        [
+            "--vocab",
+            "128",
+            "--mesh",
+            "2x2",
+            "-o",
+            plan.to_str().expect("utf8"),
+        ]
+        .map(String::from),
+    );
+    let (ok, out, err) = autopar_owned(&args);
+    assert!(ok, "{out}{err}");
+    let other_mesh = tiny_gpt2_with(&["--mesh", "4", "--plan", plan.to_str().expect("utf8")]);
+    let (ok, _, err) = autopar_owned(&other_mesh);
+    assert!(!ok);
+    assert!(err.contains("the plan is for mesh 2x2, not 4"), "{err}");
+    let other_model: Vec<String> = [
+        "run",
+        "llama-1b",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--ffn",
+        "128",
+        "--vocab",
+        "128",
+        "--mesh",
+        "2x2",
+        "--plan",
+        plan.to_str().expect("utf8"),
+    ]
+    .map(String::from)
+    .to_vec();
+    let (ok, _, err) = autopar_owned(&other_model);
+    assert!(!ok);
+    assert!(err.contains("the plan does not match the model"), "{err}");
+}
+
+#[test]
+fn plan_dump_rank_prints_that_ranks_program() {
+    let mut args = vec!["plan".to_string()];
+    args.extend(TINY_GPT2.iter().map(|s| s.to_string()));
+    args.extend(
+        [
+            "--vocab",
+            "128",
+            "--mesh",
+            "2x2",
+            "--strategy",
+            "tp",
+            "--dump-rank",
+            "2",
+        ]
+        .map(String::from),
+    );
+    let (ok, out, err) = autopar_owned(&args);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("program rank 2 of 4 on mesh 2x2 (coordinates [1, 0])"),
+        "{out}"
+    );
+    // rank 2's tensor-parallel partner is rank 3, its data-parallel partner rank 0
+    assert!(
+        out.contains("group [2, 3]") && out.contains("group [0, 2]"),
+        "{out}"
+    );
+    assert!(out.contains("update "), "{out}");
+    args.pop();
+    args.push("4".into());
+    let (ok, _, err) = autopar_owned(&args);
+    assert!(
+        !ok && err.contains("--dump-rank 4: mesh 2x2 has ranks 0 to 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_names_a_missing_weight_file() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus");
+    let model = corpus.join("gpt2_tiny/gpt2_tiny.ts.onnx");
+    if !model.is_file() {
+        eprintln!("corpus not found: skipped");
+        return;
+    }
+    let (ok, _, err) = autopar(&["run", model.to_str().expect("utf8"), "--mesh", "2"]);
+    assert!(!ok);
+    assert!(err.contains("gpt2_tiny.ts.onnx.data"), "{err}");
+}

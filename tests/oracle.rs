@@ -346,7 +346,10 @@ fn adamw_on_shards_matches_single_device() {
     for (mesh, family) in [(&[4][..], Family::Fsdp), (&[2, 2][..], Family::Tp)] {
         let many = run("gpt2", mesh, family, adamw);
         let (p, name) = max_rel(&many.params, &one.params);
-        assert!(p <= 1e-4, "{mesh:?} {family:?}: updated {name} off by {p:.2e}");
+        assert!(
+            p <= 1e-4,
+            "{mesh:?} {family:?}: updated {name} off by {p:.2e}"
+        );
         let moved = max_rel(&many.params, &run_untrained_params());
         assert!(moved.0 > 1e-3, "AdamW moved the parameters");
     }
@@ -359,4 +362,32 @@ fn run_untrained_params() -> Vec<NamedTensor> {
         weight_decay: 0.0,
     };
     run("gpt2", &[1], Family::Auto, zero).params
+}
+
+/// A rank that fails stops every rank with its error, naming the rank and the node: data
+/// parallel on 2 ranks, with a token id out of the vocabulary in rank 1's half of the batch.
+#[test]
+fn a_failing_rank_stops_every_rank() {
+    let mut auto = AutoOptions::new(&[2]);
+    auto.plan.family = Family::Dp;
+    let par = autoparallelize("gpt2", &tiny("gpt2"), &auto).unwrap();
+    let mut batch = par.synthetic_batch(0);
+    let g = &par.training.graph;
+    let ids = g
+        .inputs
+        .iter()
+        .find(|&&v| g.value(v).name == "input_ids")
+        .unwrap();
+    let t = batch.get_mut(ids).unwrap();
+    let last = t.data.len() - 1;
+    t.data[last] = 1e6;
+    let err = par
+        .trainer()
+        .unwrap()
+        .step(&batch)
+        .err()
+        .expect("the step fails")
+        .to_string();
+    assert!(err.contains("rank 1"), "{err}");
+    assert!(err.contains("wte") && err.contains("out of range"), "{err}");
 }

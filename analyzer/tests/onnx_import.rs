@@ -823,7 +823,7 @@ fn external_data_is_located_not_read() {
 }
 
 #[test]
-fn graph_only_weights_import_as_absent() {
+fn graph_only_weights_import_as_external_for_planning() {
     let g = graph(
         vec![node("MatMul", "mm", &["x", "w"], &["y"], vec![])],
         vec![external(
@@ -839,12 +839,18 @@ fn graph_only_weights_import_as_absent() {
     );
     let m = import_ok(&model_bytes(17, g));
     let w = m.graph.find_value("w").expect("w");
-    assert_eq!(
-        m.graph.values[w].def,
+    // the missing file is kept: planning never reads it, running names it
+    match &m.graph.values[w].def {
         ValueDef::Param {
-            data: WeightData::Absent
-        }
-    );
+            data:
+                WeightData::External {
+                    path,
+                    offset: 0,
+                    length: 128,
+                },
+        } => assert!(path.ends_with("gone.data"), "{path}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 // ---- errors ---------------------------------------------------------------------------------

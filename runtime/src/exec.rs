@@ -86,6 +86,8 @@ pub enum ExecError {
 /// What a step gives back.
 pub struct StepOutput {
     pub loss: f64,
+    /// Seconds this rank spent in collectives (resharding moves), waiting included.
+    pub comm_seconds: f64,
     /// With `keep_grads`: each parameter's synchronised gradient block (storage layout), in
     /// the order of [`Program::updates`].
     pub grads: Vec<Tensor>,
@@ -257,6 +259,7 @@ impl RankState {
                 .map_err(torch_err(&slot.name))?;
             slots[leaf.slot.0 as usize] = Some(t);
         }
+        let mut comm_seconds = 0.0;
         for (i, instr) in p.instrs.iter().enumerate() {
             match instr {
                 Instr::Compute(c) => {
@@ -322,6 +325,7 @@ impl RankState {
                     })?;
                     let group = p.group(self.rank, &[m.op.axis()]);
                     let coord = self.program.mesh.coords(self.rank)[m.op.axis()];
+                    let t0 = std::time::Instant::now();
                     let out =
                         run_move(&mut *comm, &m.op, &group, coord, input).map_err(|e| match e {
                             MoveError::Comm(source) => ExecError::Comm {
@@ -334,6 +338,7 @@ impl RankState {
                             },
                             MoveError::Other(msg) => ExecError::Input(format!("{place}: {msg}")),
                         })?;
+                    comm_seconds += t0.elapsed().as_secs_f64();
                     slots[m.output.0 as usize] = Some(out);
                 }
             }
@@ -384,7 +389,11 @@ impl RankState {
                 t.f_copy_(&new).map_err(torch_err(&name))?;
             }
         }
-        Ok(StepOutput { loss, grads })
+        Ok(StepOutput {
+            loss,
+            comm_seconds,
+            grads,
+        })
     }
 }
 

@@ -38,6 +38,8 @@ pub struct StepReport {
     pub loss: f64,
     /// Wall-clock seconds of the step (all ranks).
     pub seconds: f64,
+    /// The most seconds any rank spent in collectives.
+    pub comm_seconds: f64,
     /// With `keep_grads`: every parameter's full gradient, by name, in update order.
     pub grads: Vec<NamedTensor>,
 }
@@ -92,10 +94,11 @@ impl Session {
                 .step(&mut comm, feeds, keep_grads)
                 .map_err(|e| e.to_string())?;
             let grads: Vec<Vec<f32>> = out.grads.iter().map(to_f32).collect::<Result<_, _>>()?;
-            Ok((out.loss, grads))
+            Ok((out.loss, grads, out.comm_seconds))
         })?;
         let seconds = t0.elapsed().as_secs_f64();
         let loss = outs.first().map(|o| o.0).unwrap_or(f64::NAN);
+        let comm_seconds = outs.iter().map(|o| o.2).fold(0.0, f64::max);
         let mut grads = vec![];
         if keep_grads {
             for (k, u) in self.program.updates.iter().enumerate() {
@@ -106,6 +109,7 @@ impl Session {
         Ok(StepReport {
             loss,
             seconds,
+            comm_seconds,
             grads,
         })
     }

@@ -84,7 +84,31 @@ struct Model {
   torch::jit::Module module;
   // Tensors referenced by the dump (parameters, buffers, tensor constants), by index.
   std::vector<at::Tensor> tensors;
+  // Outputs of the last autopar_ts_forward, flattened.
+  std::vector<at::Tensor> outputs;
 };
+
+at::ScalarType parse_dtype(const std::string& name) {
+  static const std::map<std::string, at::ScalarType> names = {
+      {"Float", at::kFloat}, {"Double", at::kDouble}, {"Half", at::kHalf},
+      {"BFloat16", at::kBFloat16}, {"Long", at::kLong}, {"Int", at::kInt},
+      {"Short", at::kShort}, {"Char", at::kChar}, {"Byte", at::kByte}, {"Bool", at::kBool}};
+  auto it = names.find(name);
+  if (it == names.end()) throw std::runtime_error("unknown dtype " + name);
+  return it->second;
+}
+
+void flatten_outputs(const c10::IValue& v, std::vector<at::Tensor>& out) {
+  if (v.isTensor()) {
+    out.push_back(v.toTensor().contiguous());
+  } else if (v.isTuple()) {
+    for (const auto& e : v.toTupleRef().elements()) flatten_outputs(e, out);
+  } else if (v.isList()) {
+    for (const auto& e : v.toListRef()) flatten_outputs(e, out);
+  } else if (!v.isNone()) {
+    throw std::runtime_error("forward returned a " + v.type()->str());
+  }
+}
 
 struct TensorKey {
   const void* storage;
@@ -412,6 +436,94 @@ int autopar_ts_tensor_bytes(void* handle, size_t index, uint8_t* dst, size_t len
                                std::to_string(len));
     }
     if (n > 0) std::memcpy(dst, c.data_ptr(), n);
+    return 0;
+  } catch (const std::exception& e) {
+    *err = dup_string(e.what());
+  } catch (...) {
+    *err = dup_string("unknown C++ exception");
+  }
+  return 1;
+}
+
+// Replaces the data of tensor `index` (a parameter or buffer: every module attribute holding
+// it sees the change) with `len` bytes of its dtype and shape. Returns 0 on success.
+int autopar_ts_set_tensor(void* handle, size_t index, const uint8_t* data, size_t len, char** err) {
+  *err = nullptr;
+  try {
+    auto* m = static_cast<Model*>(handle);
+    if (index >= m->tensors.size()) throw std::runtime_error("tensor index out of range");
+    at::Tensor& t = m->tensors[index];
+    at::Tensor src = at::empty(t.sizes(), at::TensorOptions().dtype(t.scalar_type()));
+    if (static_cast<size_t>(src.nbytes()) != len) {
+      throw std::runtime_error("tensor has " + std::to_string(src.nbytes()) + " bytes, given " +
+                               std::to_string(len));
+    }
+    if (len > 0) std::memcpy(src.data_ptr(), data, len);
+    torch::NoGradGuard no_grad;
+    t.set_(src);
+    return 0;
+  } catch (const std::exception& e) {
+    *err = dup_string(e.what());
+  } catch (...) {
+    *err = dup_string("unknown C++ exception");
+  }
+  return 1;
+}
+
+// Runs forward on `n` tensor inputs (c10 dtype names, shapes, bytes). On success returns a
+// JSON list of the flattened outputs' dtypes and shapes (free with autopar_ts_free_string);
+// their bytes are then read with autopar_ts_output_bytes. On failure returns NULL, sets *err.
+char* autopar_ts_forward(void* handle, size_t n, const char* const* dtypes,
+                         const int64_t* const* shapes, const size_t* ranks,
+                         const uint8_t* const* data, const size_t* lens, char** err) {
+  *err = nullptr;
+  try {
+    auto* m = static_cast<Model*>(handle);
+    std::vector<c10::IValue> inputs;
+    for (size_t i = 0; i < n; i++) {
+      std::vector<int64_t> shape(shapes[i], shapes[i] + ranks[i]);
+      at::Tensor t = at::empty(shape, at::TensorOptions().dtype(parse_dtype(dtypes[i])));
+      if (static_cast<size_t>(t.nbytes()) != lens[i]) throw std::runtime_error("input size mismatch");
+      if (lens[i] > 0) std::memcpy(t.data_ptr(), data[i], lens[i]);
+      inputs.emplace_back(t);
+    }
+    torch::NoGradGuard no_grad;
+    c10::IValue out = m->module.forward(inputs);
+    m->outputs.clear();
+    flatten_outputs(out, m->outputs);
+    std::ostringstream o;
+    o << '[';
+    for (size_t i = 0; i < m->outputs.size(); i++) {
+      const at::Tensor& t = m->outputs[i];
+      if (i > 0) o << ',';
+      o << "{\"dtype\":";
+      json_string(o, c10::toString(t.scalar_type()));
+      o << ",\"shape\":[";
+      for (int64_t d = 0; d < t.dim(); d++) {
+        if (d > 0) o << ',';
+        o << t.size(d);
+      }
+      o << "]}";
+    }
+    o << ']';
+    return dup_string(o.str());
+  } catch (const std::exception& e) {
+    *err = dup_string(e.what());
+  } catch (...) {
+    *err = dup_string("unknown C++ exception");
+  }
+  return nullptr;
+}
+
+// Copies output `index` of the last forward into dst[0..len). Returns 0 on success.
+int autopar_ts_output_bytes(void* handle, size_t index, uint8_t* dst, size_t len, char** err) {
+  *err = nullptr;
+  try {
+    auto* m = static_cast<Model*>(handle);
+    if (index >= m->outputs.size()) throw std::runtime_error("output index out of range");
+    const at::Tensor& t = m->outputs[index];
+    if (static_cast<size_t>(t.nbytes()) != len) throw std::runtime_error("output size mismatch");
+    if (len > 0) std::memcpy(dst, t.data_ptr(), len);
     return 0;
   } catch (const std::exception& e) {
     *err = dup_string(e.what());

@@ -26,6 +26,30 @@ extern "C" {
         len: usize,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn autopar_ts_set_tensor(
+        handle: *mut c_void,
+        index: usize,
+        data: *const u8,
+        len: usize,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn autopar_ts_forward(
+        handle: *mut c_void,
+        n: usize,
+        dtypes: *const *const c_char,
+        shapes: *const *const i64,
+        ranks: *const usize,
+        data: *const *const u8,
+        lens: *const usize,
+        err: *mut *mut c_char,
+    ) -> *mut c_char;
+    fn autopar_ts_output_bytes(
+        handle: *mut c_void,
+        index: usize,
+        dst: *mut u8,
+        len: usize,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn autopar_ts_free(handle: *mut c_void);
     fn autopar_ts_free_string(s: *mut c_char);
 }
@@ -89,6 +113,93 @@ impl Archive {
             return Err(err.unwrap_or_else(|| "libtorch could not copy the tensor".into()));
         }
         Ok(buf)
+    }
+}
+
+/// One input of [`Archive::forward`]: c10 dtype name, shape, row-major little-endian bytes.
+pub struct RawTensor {
+    pub dtype: &'static str,
+    pub shape: Vec<i64>,
+    pub bytes: Vec<u8>,
+}
+
+impl Archive {
+    /// Replaces the data of tensor `index` of the table (every module attribute holding it
+    /// sees the new values); `bytes` must be exactly its size.
+    pub fn set_tensor(&mut self, index: usize, bytes: &[u8]) -> Result<(), String> {
+        let mut err: *mut c_char = std::ptr::null_mut();
+        // SAFETY: the handle is live; `bytes` is valid for `bytes.len()` reads.
+        let rc = unsafe {
+            autopar_ts_set_tensor(self.handle, index, bytes.as_ptr(), bytes.len(), &mut err)
+        };
+        let err = take_string(err);
+        if rc != 0 {
+            return Err(err.unwrap_or_else(|| "libtorch could not set the tensor".into()));
+        }
+        Ok(())
+    }
+
+    /// Runs the module's own `forward` on `inputs`; returns the flattened outputs as
+    /// `(c10 dtype name, shape, bytes)`.
+    pub fn forward(
+        &self,
+        inputs: &[RawTensor],
+    ) -> Result<Vec<(String, Vec<i64>, Vec<u8>)>, String> {
+        let names: Vec<CString> = inputs
+            .iter()
+            .map(|t| CString::new(t.dtype).map_err(|_| "bad dtype name".to_string()))
+            .collect::<Result<_, _>>()?;
+        let dtypes: Vec<*const c_char> = names.iter().map(|c| c.as_ptr()).collect();
+        let shapes: Vec<*const i64> = inputs.iter().map(|t| t.shape.as_ptr()).collect();
+        let ranks: Vec<usize> = inputs.iter().map(|t| t.shape.len()).collect();
+        let data: Vec<*const u8> = inputs.iter().map(|t| t.bytes.as_ptr()).collect();
+        let lens: Vec<usize> = inputs.iter().map(|t| t.bytes.len()).collect();
+        let mut err: *mut c_char = std::ptr::null_mut();
+        // SAFETY: every array has `inputs.len()` entries pointing into `inputs` / `names`,
+        // which outlive the call; the handle is live.
+        let json = unsafe {
+            autopar_ts_forward(
+                self.handle,
+                inputs.len(),
+                dtypes.as_ptr(),
+                shapes.as_ptr(),
+                ranks.as_ptr(),
+                data.as_ptr(),
+                lens.as_ptr(),
+                &mut err,
+            )
+        };
+        let json = take_string(json);
+        let err = take_string(err);
+        let Some(json) = json else {
+            return Err(err.unwrap_or_else(|| "libtorch's forward failed".into()));
+        };
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            dtype: String,
+            shape: Vec<i64>,
+        }
+        let metas: Vec<Meta> =
+            serde_json::from_str(&json).map_err(|e| format!("bad output description: {e}"))?;
+        let mut outs = vec![];
+        for (i, m) in metas.into_iter().enumerate() {
+            let size = crate::dump::dtype_of(&m.dtype)
+                .ok_or_else(|| format!("output {i} has dtype {}", m.dtype))?
+                .size_bytes();
+            let numel: i64 = m.shape.iter().product();
+            let len = usize::try_from(numel).map_err(|_| "negative shape".to_string())? * size;
+            let mut buf = vec![0u8; len];
+            let mut err: *mut c_char = std::ptr::null_mut();
+            // SAFETY: the handle is live; `buf` has exactly `len` bytes.
+            let rc =
+                unsafe { autopar_ts_output_bytes(self.handle, i, buf.as_mut_ptr(), len, &mut err) };
+            let err = take_string(err);
+            if rc != 0 {
+                return Err(err.unwrap_or_else(|| "could not read an output".into()));
+            }
+            outs.push((m.dtype, m.shape, buf));
+        }
+        Ok(outs)
     }
 }
 

@@ -13,7 +13,7 @@ use autopar_analyzer::graph::WeightData;
 use autopar_analyzer::onnx::compact::drop_unused_constants;
 use autopar_analyzer::onnx::ImportOptions;
 use autopar_analyzer::{AnalyzerError, DType, GraphBuilder, Tensor, ValueId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -43,6 +43,8 @@ struct Importer<'a> {
     vals: HashMap<u64, Val>,
     /// IR value of each entry of the tensor table, once used.
     tensors: HashMap<usize, ValueId>,
+    /// Tensor-table entries used as BatchNorm running statistics (they stay buffers).
+    running_stats: HashSet<usize>,
 }
 
 impl Importer<'_> {
@@ -81,9 +83,11 @@ impl Importer<'_> {
             })
         };
         let name = info.name.clone();
+        let keep_buffer = info.role == "buffer" && self.running_stats.contains(&i);
         Ok(match info.role.as_str() {
             "param" if dtype.is_float() => self.b.param_with(name, ty, data()?),
-            "param" | "buffer" => self.b.buffer_with(name, ty, data()?),
+            "param" => self.b.buffer_with(name, ty, data()?),
+            _ if keep_buffer => self.b.buffer_with(name, ty, data()?),
             _ if info.stripped || ty.numel() > FOLD_MAX_ELEMENTS => {
                 self.b.buffer_with(name, ty, data()?)
             }
@@ -272,8 +276,15 @@ impl Importer<'_> {
         }
         for ((val, &id), name) in outs.iter().zip(&node.outputs).zip(&node.out_names) {
             if let Val::Tensor(v) = val {
-                if v.0 as usize >= first_new {
-                    self.b.graph.values[*v].name = name.clone();
+                let d = &mut self.b.graph.values[*v];
+                let numeric = |s: &str| clean_name(s).chars().all(|c| c.is_ascii_digit());
+                // new values take the TorchScript name; a value passed through (a no-op `to`)
+                // takes a meaningful name over a numbered one
+                let pass_through = matches!(d.def, autopar_analyzer::ValueDef::Node { .. })
+                    && numeric(&d.name)
+                    && !numeric(name);
+                if v.0 as usize >= first_new || pass_through {
+                    d.name = name.clone();
                 }
             }
             self.vals.insert(id, val.clone());
@@ -352,6 +363,7 @@ pub(crate) fn import_dump(
         b,
         vals: HashMap::new(),
         tensors: HashMap::new(),
+        running_stats: running_stats(dump),
     };
     im.inputs(opts)?;
     let mut loss = None;
@@ -395,6 +407,28 @@ pub(crate) fn import_dump(
     Ok(TorchScriptModel { graph: g, loss })
 }
 
+/// Tensor-table entries read as a BatchNorm's running mean / variance: the buffers a training
+/// step updates. Every other buffer (rotary `inv_freq`, attention masks) is not trained and
+/// becomes a constant when its data is there, so what is computed from it folds at import,
+/// as the exporters' constant folding does (the ONNX importer's classification rule).
+fn running_stats(dump: &Dump) -> HashSet<usize> {
+    let mut attr: HashMap<u64, usize> = HashMap::new();
+    for n in &dump.nodes {
+        if let (Some(DumpValue::Tensor(i)), Some(&id)) = (&n.value, n.outputs.first()) {
+            attr.insert(id, *i);
+        }
+    }
+    let mut out = HashSet::new();
+    for n in dump.nodes.iter().filter(|n| n.kind.ends_with("batch_norm")) {
+        for id in n.inputs.iter().skip(3).take(2) {
+            if let Some(&i) = attr.get(id) {
+                out.insert(i);
+            }
+        }
+    }
+    out
+}
+
 /// TorchScript archives are zip files: say so before libtorch does, in fewer words.
 fn check_zip(path: &Path) -> Result<(), String> {
     use std::io::Read;
@@ -431,5 +465,118 @@ mod tests {
         assert_eq!(clean_name("x"), "x");
         assert_eq!(clean_name("33"), "33");
         assert_eq!(clean_name("a.b"), "a.b");
+    }
+}
+
+#[cfg(test)]
+mod graph_tests {
+    use super::*;
+    use autopar_analyzer::onnx::InputOverride;
+
+    /// A graph description as the shim writes it, with the given nodes (value 1 is input `x`).
+    fn dump(nodes: &str, outputs: &str, tensors: &str) -> Dump {
+        let json = format!(
+            r#"{{"inputs":[{{"id":1,"name":"x.1","type":"Tensor","traced":{{"dtype":"Float","shape":[2,3]}}}}],
+                "nodes":[{nodes}],"outputs":[{outputs}],"tensors":[{tensors}]}}"#
+        );
+        serde_json::from_str(&json).expect("dump json")
+    }
+
+    fn no_bytes(_: usize, _: usize) -> Result<Vec<u8>, String> {
+        Err("no data in this test".into())
+    }
+
+    #[test]
+    fn lowers_linear_in_place_relu_and_size_arithmetic() {
+        let w =
+            r#"{"name":"fc.weight","role":"param","dtype":"Float","shape":[4,3],"stripped":true}"#;
+        let nodes = r#"
+            {"kind":"prim::GetAttr","outputs":[2],"out_names":["weight.1"],"scope":"fc","value":{"t":"tensor","v":0}},
+            {"kind":"prim::Constant","outputs":[3],"out_names":["3"],"value":{"t":"none"}},
+            {"kind":"aten::linear","schema":"aten::linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor","inputs":[1,2,3],"outputs":[4],"out_names":["h.1"],"scope":"fc"},
+            {"kind":"aten::relu_","schema":"aten::relu_(Tensor(a!) self) -> Tensor(a!)","inputs":[4],"outputs":[5],"out_names":["5"]},
+            {"kind":"prim::Constant","outputs":[6],"out_names":["6"],"value":{"t":"int","v":1}},
+            {"kind":"aten::size","schema":"aten::size.int(Tensor self, int dim) -> int","inputs":[4,6],"outputs":[7],"out_names":["7"]},
+            {"kind":"prim::Constant","outputs":[8],"out_names":["8"],"value":{"t":"int","v":2}},
+            {"kind":"aten::floordiv","schema":"aten::floordiv.int(int a, int b) -> int","inputs":[7,8],"outputs":[9],"out_names":["9"]},
+            {"kind":"prim::Constant","outputs":[10],"out_names":["10"],"value":{"t":"int","v":-1}},
+            {"kind":"prim::ListConstruct","inputs":[10,9],"outputs":[11],"out_names":["11"]},
+            {"kind":"aten::view","schema":"aten::view(Tensor(a) self, SymInt[] size) -> Tensor(a)","inputs":[4,11],"outputs":[12],"out_names":["y.1"]},
+            {"kind":"prim::TupleConstruct","inputs":[12,4],"outputs":[13],"out_names":["13"]}"#;
+        let d = dump(nodes, "13", w);
+        let m = import_dump(&d, &no_bytes, &ImportOptions::default()).expect("imports");
+        let g = &m.graph;
+        assert_eq!(g.param_count(), 12);
+        assert_eq!(g.outputs.len(), 2);
+        assert_eq!(g.ty(g.outputs[0]).shape, vec![4, 2]);
+        // the in-place relu rebinds %h.1: the second output is the relu, not the linear
+        let relu = g.producer(g.outputs[1]).expect("node");
+        assert_eq!(g.node(relu).op.name(), "unary");
+        assert_eq!(g.value(g.outputs[0]).name, "y");
+        assert_eq!(g.value(g.inputs[0]).name, "x");
+        assert!(m.loss.is_none());
+        // an override changes the traced shape
+        let opts = ImportOptions {
+            input_overrides: vec![InputOverride::new("x", [6, 3], None)],
+        };
+        let m = import_dump(&d, &no_bytes, &opts).expect("imports");
+        assert_eq!(m.graph.ty(m.graph.outputs[0]).shape, vec![12, 2]);
+    }
+
+    #[test]
+    fn unsupported_ops_and_control_flow_name_the_node() {
+        let d = dump(
+            r#"{"kind":"aten::unique_dim","schema":"aten::unique_dim(Tensor self, int dim, bool sorted=True, bool return_inverse=False, bool return_counts=False) -> (Tensor, Tensor, Tensor)","inputs":[1],"outputs":[2,3,4],"out_names":["u.1","3","4"],"scope":"block.0","source":"model.py:12"}"#,
+            "2",
+            "",
+        );
+        let e = import_dump(&d, &no_bytes, &ImportOptions::default())
+            .expect_err("unsupported")
+            .to_string();
+        assert!(
+            e.contains("unsupported op aten::unique_dim(Tensor self"),
+            "{e}"
+        );
+        assert!(e.contains("%u.1"), "{e}");
+        assert!(e.contains("block.0, model.py:12"), "{e}");
+
+        let d = dump(
+            r#"{"kind":"prim::If","inputs":[1],"outputs":[2],"out_names":["2"],"blocks":2}"#,
+            "2",
+            "",
+        );
+        let e = import_dump(&d, &no_bytes, &ImportOptions::default())
+            .expect_err("control flow")
+            .to_string();
+        assert!(e.contains("control flow"), "{e}");
+
+        // a tensor computed from data turned into a shape
+        let d = dump(
+            r#"{"kind":"aten::sum","schema":"aten::sum(Tensor self, *, ScalarType? dtype=None) -> Tensor","inputs":[1,99],"outputs":[2],"out_names":["s"]}"#,
+            "2",
+            "",
+        );
+        let e = import_dump(&d, &no_bytes, &ImportOptions::default())
+            .expect_err("undefined input")
+            .to_string();
+        assert!(e.contains("%99 is never defined"), "{e}");
+    }
+
+    #[test]
+    fn inputs_without_a_recorded_shape_need_an_override() {
+        let json = r#"{"inputs":[{"id":1,"name":"x.1","type":"Tensor"}],"nodes":[],"outputs":[1],"tensors":[]}"#;
+        let d: Dump = serde_json::from_str(json).expect("json");
+        let e = import_dump(&d, &no_bytes, &ImportOptions::default())
+            .expect_err("no shape")
+            .to_string();
+        assert!(e.contains("--input x=DIMS"), "{e}");
+        let opts = ImportOptions {
+            input_overrides: vec![InputOverride::new("x", [5], Some(DType::I64))],
+        };
+        let m = import_dump(&d, &no_bytes, &opts).expect("imports");
+        assert_eq!(
+            m.graph.ty(m.graph.inputs[0]),
+            &TensorType::new(DType::I64, [5])
+        );
     }
 }

@@ -15,15 +15,19 @@
 //! - Input shapes come from the example inputs `torch.jit.trace` stores in the archive
 //!   (`traced_inputs.pkl`), or from the user (`--input NAME=DIMS[:dtype]`).
 //! - Weights: parameters are `nn.Parameter`s of the module (tied ones once), with their bytes
-//!   inline. Archives whose weight records were emptied (the corpus's graph-only `.jit.pt`)
-//!   still load, libtorch leaving those storages unallocated: such weights are
-//!   [`WeightData::Absent`] and planning works as for ONNX files without external data.
+//!   inline. Buffers read as BatchNorm running statistics stay buffers; other buffers with data
+//!   (rotary `inv_freq`, masks) are not trained and become constants, so what is computed from
+//!   them folds (the ONNX importer's classification). Archives whose weight records were
+//!   emptied (the corpus's graph-only `.jit.pt`) still load, libtorch leaving those storages
+//!   unallocated: such weights are [`WeightData::Absent`] and planning works as for ONNX files
+//!   without external data.
 //! - The loss is the first `aten::cross_entropy_loss` with a scalar result (the graph output
 //!   it reaches is named `loss`).
 //! - Every failure is an error naming the node (its outputs, module path and source line), its
 //!   schema and the reason; an unsupported op names its schema.
 //!
-//! Entry point: [`import_torchscript`].
+//! Entry points: [`import_torchscript`]; [`LibtorchModule`] runs the archive's own forward in
+//! libtorch (weights settable by name), the reference the imported graph is checked against.
 //!
 //! [`Graph`]: autopar_analyzer::Graph
 //! [`WeightData::Absent`]: autopar_analyzer::WeightData::Absent
@@ -33,12 +37,14 @@ mod ffi;
 mod import;
 pub mod lower;
 pub mod ops;
+mod reference;
 
 use autopar_analyzer::onnx::ImportOptions;
 use autopar_analyzer::{AnalyzerError, Graph, ValueId};
 use std::path::Path;
 
 pub use import::clean_name;
+pub use reference::{to_le_bytes, LibtorchModule};
 
 /// An imported TorchScript module.
 #[derive(Clone, Debug)]

@@ -312,3 +312,169 @@ fn bad_files_are_clear_errors() {
     assert!(e.to_string().contains("cannot read"), "{e}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// Seeded weights (small, so activations stay tame; BatchNorm variances positive), rounded to
+/// each weight's dtype so libtorch and the reference evaluator see the same values.
+fn seeded_weight(name: &str, ty: &autopar_analyzer::dtype::TensorType, seed: u64) -> Tensor {
+    let r = Tensor::pseudo_random(&ty.shape, seed);
+    let data = r
+        .data
+        .iter()
+        .map(|&x| {
+            if name.ends_with("running_var") {
+                0.5 + x.abs()
+            } else {
+                0.2 * x
+            }
+        })
+        .collect();
+    let mut t = Tensor::new(ty.dtype, ty.shape.clone(), data);
+    t.round_to_dtype();
+    t
+}
+
+/// Language-model inputs: token ids, an attention mask with right padding on the last row,
+/// labels with ignored positions.
+fn lm_inputs(g: &autopar_analyzer::Graph, vocab: usize) -> Vec<Tensor> {
+    g.inputs
+        .iter()
+        .map(|&v| {
+            let d = g.value(v);
+            let shape = d.ty.shape.clone();
+            let n: usize = shape.iter().product();
+            let cols = *shape.last().expect("rank >= 1");
+            let r = Tensor::pseudo_random(&shape, 7 + v.0 as u64);
+            let data: Vec<f64> = match d.name.as_str() {
+                "attention_mask" => (0..n)
+                    .map(|i| if i >= n - cols / 4 { 0.0 } else { 1.0 })
+                    .collect(),
+                "labels" => r
+                    .data
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| {
+                        if i % 7 == 3 {
+                            -100.0
+                        } else {
+                            ((x + 1.0) / 2.0 * vocab as f64)
+                                .floor()
+                                .min(vocab as f64 - 1.0)
+                        }
+                    })
+                    .collect(),
+                _ => r
+                    .data
+                    .iter()
+                    .map(|x| {
+                        ((x + 1.0) / 2.0 * vocab as f64)
+                            .floor()
+                            .min(vocab as f64 - 1.0)
+                    })
+                    .collect(),
+            };
+            Tensor::new(d.ty.dtype, shape, data)
+        })
+        .collect()
+}
+
+/// Imports `file` (weights may be stripped), gives libtorch's module and the imported graph
+/// the same seeded weights, and compares libtorch's forward with the reference evaluator.
+fn check_against_libtorch(
+    dir: &Path,
+    file: &str,
+    opts: &ImportOptions,
+    inputs: impl Fn(&autopar_analyzer::Graph) -> Vec<Tensor>,
+    tol: f64,
+) {
+    let path = dir.join(file);
+    if !path.is_file() {
+        eprintln!("{file} not in the corpus: skipped");
+        return;
+    }
+    let m = import_torchscript(&path, opts).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let g = &m.graph;
+    let mut lt = autopar_torchscript::LibtorchModule::load(&path).expect("libtorch loads it");
+    let mut feeds = HashMap::new();
+    for (v, d) in g.values.iter() {
+        let (ValueDef::Param { data } | ValueDef::Buffer { data }) = &d.def else {
+            continue;
+        };
+        let t = if d.ty.dtype.is_float() {
+            seeded_weight(&d.name, &d.ty, 1000 + v.0 as u64)
+        } else {
+            let WeightData::Inline(bytes) = data else {
+                panic!("{file}: non-float weight {} has no data", d.name)
+            };
+            Tensor::from_le_bytes(d.ty.dtype, d.ty.shape.clone(), bytes).expect("bytes")
+        };
+        lt.set_weight(&d.name, &t)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        feeds.insert(v, t);
+    }
+    let ins = inputs(g);
+    for (&v, t) in g.inputs.iter().zip(&ins) {
+        feeds.insert(v, t.clone());
+    }
+    let want = lt.forward(&ins).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let vals = autopar_analyzer::eval::run(g, &feeds).unwrap_or_else(|e| panic!("{file}: {e}"));
+    assert_eq!(g.outputs.len(), want.len(), "{file}: outputs");
+    for (&v, want) in g.outputs.iter().zip(&want) {
+        let got = vals[v.0 as usize].as_ref().expect("output computed");
+        assert_eq!(got.shape, want.shape, "{file}: {}", g.value_label(v));
+        let err = got.max_rel_err(want, 1e-3);
+        eprintln!(
+            "{file}: {} max rel err vs libtorch {err:.2e}",
+            g.value_label(v)
+        );
+        assert!(
+            err < tol,
+            "{file}: output {} differs from libtorch by {err:.2e}",
+            g.value_label(v)
+        );
+    }
+}
+
+#[test]
+fn stripped_language_models_match_libtorch_on_seeded_weights() {
+    let Some(dir) = corpus_dir() else {
+        eprintln!("shared/corpus not found: skipped");
+        return;
+    };
+    for file in [
+        "gpt2_tiny/gpt2_tiny.jit.pt",
+        "llama_tiny/llama_tiny.jit.pt",
+        "mixtral_tiny_batched/mixtral_tiny_batched.jit.pt",
+    ] {
+        check_against_libtorch(
+            &dir,
+            file,
+            &ImportOptions::default(),
+            |g| lm_inputs(g, 1000),
+            1e-3,
+        );
+    }
+}
+
+#[test]
+fn stripped_resnet18_matches_libtorch_on_seeded_weights() {
+    let Some(dir) = corpus_dir() else {
+        eprintln!("shared/corpus not found: skipped");
+        return;
+    };
+    // a small image keeps the f64 reference convolutions quick
+    let opts = ImportOptions {
+        input_overrides: vec![InputOverride::new("x", [1, 3, 32, 32], None)],
+    };
+    check_against_libtorch(
+        &dir,
+        "resnet18/resnet18.jit.pt",
+        &opts,
+        |g| {
+            g.inputs
+                .iter()
+                .map(|&v| Tensor::pseudo_random(&g.ty(v).shape, 3).cast(DType::F32))
+                .collect()
+        },
+        1e-3,
+    );
+}

@@ -5,9 +5,10 @@
 //! - The protobuf messages are hand-written `prost` structs ([`proto`]): no `protoc` at build
 //!   time, and only the fields the importer reads.
 //! - Weights are never read eagerly: an initializer stored in external data is recorded as
-//!   [`WeightData::External`] (or [`WeightData::Absent`] when the file is missing, so graph-only
-//!   exports still plan), which is what lets files with many GiB of weights import in
-//!   milliseconds. Only small non-trainable tensors are read, to become constants.
+//!   [`WeightData::External`] (the path as opened from the working directory), also when the
+//!   file is missing, so graph-only exports still plan and a run names the missing file; this
+//!   is what lets files with many GiB of weights import in milliseconds. Only small
+//!   non-trainable tensors are read, to become constants.
 //! - Which initializers are trainable follows one documented rule (the corpus's
 //!   "graph_params rule", [`classify`]): float tensors of more than one element are parameters
 //!   unless every use is a non-differentiable input.
@@ -25,7 +26,6 @@
 //! external data is relative to), [`parse_input_override`] (the CLI's `--input NAME=8x1024:i64`).
 //!
 //! [`WeightData::External`]: crate::graph::WeightData::External
-//! [`WeightData::Absent`]: crate::graph::WeightData::Absent
 
 pub mod classify;
 pub mod compact;

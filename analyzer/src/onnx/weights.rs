@@ -93,8 +93,12 @@ pub enum Payload {
         offset: u64,
         length: u64,
     },
-    /// In an external file that is not there (graph-only export).
-    Missing,
+    /// In an external file that is not there (graph-only export): plans, but does not run.
+    Missing {
+        path: PathBuf,
+        offset: u64,
+        length: u64,
+    },
 }
 
 /// Takes the payload out of `t` (its raw bytes are moved, not copied).
@@ -191,7 +195,11 @@ fn external_payload(
                 length,
             })
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Payload::Missing),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Payload::Missing {
+            path,
+            offset,
+            length,
+        }),
         Err(e) => Err(format!(
             "{what}: cannot open external data {}: {e}",
             path.display()
@@ -252,7 +260,14 @@ pub fn decode(ty: &TensorType, bytes: &[u8], what: &str) -> Result<Tensor, Strin
 pub fn weight_data(p: Payload) -> WeightData {
     match p {
         Payload::Inline(b) => WeightData::Inline(Arc::new(b)),
+        // a missing file stays external: planning never reads weights, and running names the
+        // file it cannot open instead of training made-up values
         Payload::External {
+            path,
+            offset,
+            length,
+        }
+        | Payload::Missing {
             path,
             offset,
             length,
@@ -261,7 +276,6 @@ pub fn weight_data(p: Payload) -> WeightData {
             offset,
             length,
         },
-        Payload::Missing => WeightData::Absent,
     }
 }
 
