@@ -270,6 +270,22 @@ pub fn plan_model(
     planner::plan(&model.name, &tg, &profile, plan)
 }
 
+/// A byte count for people: `512 B`, `1.50 KiB`, `33.10 GiB`.
+pub fn format_bytes(b: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
 /// Parses a byte size: `40GiB`, `16GB`, `512MiB`, `1e9` (bytes); `G`/`M`/`K` alone are binary.
 pub fn parse_bytes(s: &str) -> Result<f64, String> {
     let t = s.trim();

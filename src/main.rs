@@ -265,20 +265,7 @@ fn load_options(a: &ModelArgs) -> Result<LoadOptions> {
     Ok(o)
 }
 
-fn human_bytes(b: f64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
+use autopar::format_bytes as human_bytes;
 
 fn human_flops(f: f64) -> String {
     const UNITS: [&str; 6] = ["", "K", "M", "G", "T", "P"];

@@ -645,11 +645,11 @@ pub fn plan(
             )
             .map_err(Error::Usage)?;
             return Err(Error::Usage(format!(
-                "no {} plan of {model} on mesh {} fits {:.2} GiB per device: the smallest per-device memory any such plan needs is {:.2} GiB",
+                "no {} plan of {model} on mesh {} fits {} per device: the smallest per-device memory any such plan needs is {}",
                 opts.family.name(),
                 mesh.name(),
-                problem.problem.memory_budget.unwrap_or(0.0) / GIB,
-                min / GIB
+                crate::format_bytes(problem.problem.memory_budget.unwrap_or(0.0)),
+                crate::format_bytes(min)
             )));
         }
         Err(e) => return Err(Error::Usage(e.to_string())),
@@ -692,8 +692,6 @@ pub fn plan(
     };
     Ok(plan)
 }
-
-const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// The problem plus the bookkeeping needed to read a solution back.
 struct Built {

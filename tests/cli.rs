@@ -336,3 +336,14 @@ fn run_names_a_missing_weight_file() {
     assert!(!ok);
     assert!(err.contains("gpt2_tiny.ts.onnx.data"), "{err}");
 }
+
+#[test]
+fn run_refuses_a_model_that_does_not_fit() {
+    let args = tiny_gpt2_with(&["--mesh", "2", "--memory", "1KiB"]);
+    let (ok, _, err) = autopar_owned(&args);
+    assert!(!ok);
+    assert!(
+        err.contains("fits 1.00 KiB per device") && err.contains("smallest per-device memory"),
+        "{err}"
+    );
+}

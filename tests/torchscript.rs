@@ -1,6 +1,7 @@
 //! TorchScript archives load wherever model files do (`load_model`), and the TorchScript and
 //! ONNX exports of the same corpus model (eval mode both, the same parameters) give the same
-//! parameter count, the same FLOPs within 1 % and plans of the same predicted cost.
+//! parameter count, the same FLOPs within 1 % and plans of the same predicted cost up to the
+//! ONNX exporters' decompositions (see `compare`).
 
 use autopar::analyzer::train::{DTypePolicy, Optimizer};
 use autopar::planner::PlanOptions;
@@ -64,8 +65,13 @@ fn compare(jit: &str, onnx: &str, loss: (LossChoice, LossChoice), mesh: &[usize]
         a.flops,
         b.flops
     );
+    // The plans agree up to the exporters' decompositions: the ONNX exports spell out GELU as
+    // its erf formula, attention with a materialised K^T transpose and NaN guards, RMSNorm as
+    // sqrt and divide; those extra memory-bound kernels are what separates the predicted steps
+    // (2 to 5 % here: about 3 % on gpt2_small, more on the latency-bound tiny models). The TorchScript
+    // graph, with one op each, must never plan worse than its ONNX export.
     assert!(
-        rel(a.step_s, b.step_s) <= 0.01,
+        a.step_s <= b.step_s * (1.0 + 1e-6) && rel(a.step_s, b.step_s) <= 0.05,
         "{jit} vs {onnx}: predicted step {:.6e} s vs {:.6e} s",
         a.step_s,
         b.step_s
@@ -106,6 +112,16 @@ fn llama_tiny_torchscript_matches_onnx() {
         "llama_tiny/llama_tiny.ts.onnx",
         (LossChoice::Auto, LossChoice::Auto),
         &[4],
+    );
+}
+
+#[test]
+fn gpt2_small_torchscript_matches_onnx() {
+    compare(
+        "gpt2_small/gpt2_small.jit.pt",
+        "gpt2_small/gpt2_small.dynamo.onnx",
+        (LossChoice::Auto, LossChoice::Auto),
+        &[2, 4],
     );
 }
 

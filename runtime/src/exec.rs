@@ -13,13 +13,13 @@
 //! types widened to 64 bits first. Sums (all-reduce, reduce-scatter, statistics) apply to float
 //! tensors only; the generator never leaves integers as partial sums.
 
-use crate::comm::{CommError, Communicator};
+use crate::collective::{run_move, sum_over, CollectiveError, TensorComm};
+use crate::comm::CommError;
 use crate::lower::{self, LowerCtx, LowerError};
 use crate::weights::{self, WeightError};
 use autopar_analyzer::graph::{Graph, ValueDef, ValueId};
 use autopar_analyzer::TensorType;
 use autopar_generator::program::{Instr, LeafKind, Program, SlotId};
-use autopar_solver::reshard::Collective;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -227,7 +227,7 @@ impl RankState {
     /// takes its block.
     pub fn step(
         &mut self,
-        comm: &mut dyn Communicator,
+        comm: &mut dyn TensorComm,
         feeds: &HashMap<ValueId, autopar_analyzer::Tensor>,
         keep_grads: bool,
     ) -> Result<StepOutput, ExecError> {
@@ -328,15 +328,17 @@ impl RankState {
                     let t0 = std::time::Instant::now();
                     let out =
                         run_move(&mut *comm, &m.op, &group, coord, input).map_err(|e| match e {
-                            MoveError::Comm(source) => ExecError::Comm {
+                            CollectiveError::Comm(source) => ExecError::Comm {
                                 place: place.clone(),
                                 source,
                             },
-                            MoveError::Torch(source) => ExecError::Torch {
+                            CollectiveError::Torch(source) => ExecError::Torch {
                                 place: place.clone(),
                                 source,
                             },
-                            MoveError::Other(msg) => ExecError::Input(format!("{place}: {msg}")),
+                            CollectiveError::Other(msg) => {
+                                ExecError::Input(format!("{place}: {msg}"))
+                            }
                         })?;
                     comm_seconds += t0.elapsed().as_secs_f64();
                     slots[m.output.0 as usize] = Some(out);
@@ -455,154 +457,6 @@ fn apply_optimizer(
         }
     }
     Ok(())
-}
-
-enum MoveError {
-    Comm(CommError),
-    Torch(tch::TchError),
-    Other(String),
-}
-
-impl From<CommError> for MoveError {
-    fn from(e: CommError) -> Self {
-        MoveError::Comm(e)
-    }
-}
-impl From<tch::TchError> for MoveError {
-    fn from(e: tch::TchError) -> Self {
-        MoveError::Torch(e)
-    }
-}
-
-/// A tensor as `f32` words (module doc) and back.
-fn words(t: &Tensor) -> Result<Vec<f32>, MoveError> {
-    let flat = t.f_contiguous()?.f_flatten(0, -1)?;
-    match t.kind() {
-        Kind::Float => Ok(Vec::<f32>::try_from(&flat)?),
-        Kind::Double => Ok(Vec::<f64>::try_from(&flat)?
-            .into_iter()
-            .flat_map(|x| split64(x.to_bits()))
-            .collect()),
-        _ => Ok(Vec::<i64>::try_from(&flat.f_to_kind(Kind::Int64)?)?
-            .into_iter()
-            .flat_map(|x| split64(x as u64))
-            .collect()),
-    }
-}
-
-fn split64(x: u64) -> [f32; 2] {
-    [f32::from_bits(x as u32), f32::from_bits((x >> 32) as u32)]
-}
-
-fn join64(w: &[f32]) -> u64 {
-    (w[0].to_bits() as u64) | ((w[1].to_bits() as u64) << 32)
-}
-
-fn from_words(w: &[f32], shape: &[i64], kind: Kind, device: Device) -> Result<Tensor, MoveError> {
-    let t = match kind {
-        Kind::Float => Tensor::from_slice(w),
-        Kind::Double => {
-            let v: Vec<f64> = w.chunks(2).map(|c| f64::from_bits(join64(c))).collect();
-            Tensor::from_slice(&v)
-        }
-        _ => {
-            let v: Vec<i64> = w.chunks(2).map(|c| join64(c) as i64).collect();
-            Tensor::from_slice(&v).f_to_kind(kind)?
-        }
-    };
-    Ok(t.f_reshape(shape)?.f_to(device)?)
-}
-
-fn need_float(t: &Tensor, what: &str) -> Result<(), MoveError> {
-    if t.kind() == Kind::Float {
-        Ok(())
-    } else {
-        Err(MoveError::Other(format!(
-            "{what} of a {:?} tensor: sums run on f32 tensors only",
-            t.kind()
-        )))
-    }
-}
-
-/// Sums `t` over `group` (an all-reduce); f64 tensors are summed in f32.
-fn sum_over(comm: &mut dyn Communicator, group: &[usize], t: &Tensor) -> Result<Tensor, String> {
-    let kind = t.kind();
-    let f = t.f_to_kind(Kind::Float).map_err(|e| e.to_string())?;
-    let mut w = words(&f).map_err(|_| "cannot read the tensor".to_string())?;
-    comm.all_reduce_sum(group, &mut w)
-        .map_err(|e| e.to_string())?;
-    Tensor::from_slice(&w)
-        .f_reshape(t.size())
-        .and_then(|r| r.f_to_kind(kind))
-        .and_then(|r| r.f_to(t.device()))
-        .map_err(|e| e.to_string())
-}
-
-/// One resharding step on this rank (see `autopar_solver::reshard` for the moves).
-fn run_move(
-    comm: &mut dyn Communicator,
-    op: &Collective,
-    group: &[usize],
-    coord: usize,
-    x: &Tensor,
-) -> Result<Tensor, MoveError> {
-    let n = group.len() as i64;
-    if n == 1 {
-        return Ok(x.shallow_clone());
-    }
-    let (kind, device) = (x.kind(), x.device());
-    match *op {
-        Collective::AllReduce { .. } => {
-            need_float(x, "all-reduce")?;
-            let mut w = words(x)?;
-            comm.all_reduce_sum(group, &mut w)?;
-            from_words(&w, &x.size(), kind, device)
-        }
-        Collective::AllGather { dim, .. } => {
-            let all = comm.all_gather(group, &words(x)?)?;
-            let per = all.len() / group.len();
-            let parts: Vec<Tensor> = all
-                .chunks(per)
-                .map(|c| from_words(c, &x.size(), kind, device))
-                .collect::<Result<_, _>>()?;
-            Ok(Tensor::f_cat(&parts, dim as i64)?)
-        }
-        Collective::ReduceScatter { dim, .. } => {
-            need_float(x, "reduce-scatter")?;
-            let chunks = x.f_chunk(n, dim as i64)?;
-            let shape = chunks[0].size();
-            let mut buf = vec![];
-            for c in &chunks {
-                buf.extend(words(c)?);
-            }
-            let mine = comm.reduce_scatter_sum(group, &buf)?;
-            from_words(&mine, &shape, kind, device)
-        }
-        Collective::AllToAll {
-            from_dim, to_dim, ..
-        } => {
-            let chunks = x.f_chunk(n, to_dim as i64)?;
-            let shape = chunks[0].size();
-            let mut buf = vec![];
-            for c in &chunks {
-                buf.extend(words(c)?);
-            }
-            let got = comm.all_to_all(group, &buf)?;
-            let per = got.len() / group.len();
-            let parts: Vec<Tensor> = got
-                .chunks(per)
-                .map(|c| from_words(c, &shape, kind, device))
-                .collect::<Result<_, _>>()?;
-            Ok(Tensor::f_cat(&parts, from_dim as i64)?)
-        }
-        Collective::Slice { dim, .. } => {
-            let chunks = x.f_chunk(n, dim as i64)?;
-            let c = chunks.get(coord).ok_or_else(|| {
-                MoveError::Other(format!("no block {coord} of {n} along dim {dim}"))
-            })?;
-            Ok(c.f_contiguous()?)
-        }
-    }
 }
 
 /// Runs `graph` once on one device, without a plan: every node through the one lowering,

@@ -6,6 +6,7 @@
 //! hangs) are shared by the in-process test backend and the NCCL backend. [`weights`] gives
 //! each rank its shard of every parameter and writes plan-independent checkpoints.
 
+pub mod collective;
 pub mod comm;
 pub mod exec;
 pub mod lower;
