@@ -544,9 +544,13 @@ fn max_rel_err_above_noise(
 fn run(a: &RunArgs) -> Result<()> {
     use autopar::runtime::exec::OptimizerConfig;
     anyhow::ensure!(
-        a.device == "cpu",
-        "--device {}: this build runs on cpu (simulated ranks); the CUDA runtime is not built in",
+        a.device == "cpu" || a.device == "cuda",
+        "--device {}: expected cpu or cuda",
         a.device
+    );
+    anyhow::ensure!(
+        a.device == "cpu" || cfg!(feature = "cuda"),
+        "--device cuda: this autopar was built without the CUDA runtime (cargo build --features cuda)"
     );
     anyhow::ensure!(a.steps >= 1, "--steps must be at least 1");
     let opts = load_options(&a.plan.model)?;
@@ -597,8 +601,12 @@ fn run(a: &RunArgs) -> Result<()> {
         Some(path) => par.with_checkpoint(path)?,
         None => par.training.graph.clone(),
     };
-    let trainer = progress.phase("loading weights", || par.trainer_with(&graph))?;
     let batch = par.synthetic_batch(a.seed);
+    #[cfg(feature = "cuda")]
+    if a.device == "cuda" {
+        return run_cuda(a, &par, &graph, &batch, optimizer, &opts, &auto);
+    }
+    let trainer = progress.phase("loading weights", || par.trainer_with(&graph))?;
     let g = &par.training.graph;
     let tokens = g
         .inputs
@@ -666,6 +674,76 @@ fn run(a: &RunArgs) -> Result<()> {
     if let Some(worst) = failed {
         anyhow::bail!(
             "verification failed: max_rel_err {worst:.3e} exceeds the tolerance {:.0e}",
+            a.tolerance
+        );
+    }
+    Ok(())
+}
+
+/// `run --device cuda`: one rank per GPU, NCCL between them.
+#[cfg(feature = "cuda")]
+fn run_cuda(
+    a: &RunArgs,
+    par: &autopar::Parallelized,
+    graph: &autopar::analyzer::Graph,
+    batch: &std::collections::HashMap<autopar::analyzer::ValueId, autopar::analyzer::Tensor>,
+    optimizer: autopar::runtime::exec::OptimizerConfig,
+    opts: &LoadOptions,
+    auto: &autopar::AutoOptions,
+) -> Result<()> {
+    let g = &par.training.graph;
+    let tokens = g
+        .inputs
+        .iter()
+        .find(|&&v| g.ty(v).dtype.is_int() && g.ty(v).rank() == 2)
+        .map(|&v| g.ty(v).numel())
+        .unwrap_or(1);
+    println!(
+        "{} on {} GPUs (mesh {}), strategy {}, predicted step {:.3} ms on {}",
+        par.plan.model,
+        par.program.world_size(),
+        par.plan.mesh.name(),
+        par.plan.family,
+        par.plan.predicted.step_s * 1e3,
+        par.plan.cluster.name
+    );
+    let steps = autopar::runtime::cuda::train_cuda(
+        par.program.clone(),
+        graph,
+        std::path::Path::new(""),
+        a.seed,
+        optimizer,
+        batch,
+        a.steps,
+    )
+    .map_err(anyhow::Error::msg)?;
+    for (i, s) in steps.iter().enumerate() {
+        println!(
+            "step {:>4}  loss {:.6}  {:.0} tokens/s  measured {:.2} ms  predicted {:.3} ms ({})",
+            i + 1,
+            s.loss,
+            tokens as f64 / s.seconds,
+            s.seconds * 1e3,
+            par.plan.predicted.step_s * 1e3,
+            par.plan.cluster.name
+        );
+    }
+    if a.verify {
+        // the first step's loss against one device on the CPU, same weights and batch
+        let mut one_opts = auto.clone();
+        one_opts.plan.mesh_shape = vec![1];
+        one_opts.use_plan = None;
+        let one = autopar::autoparallelize(&a.plan.model.model, opts, &one_opts)?;
+        let r1 = one.trainer_with(graph)?.step(batch)?;
+        let err =
+            (steps.first().map_or(f64::NAN, |s| s.loss) - r1.loss).abs() / r1.loss.abs().max(1e-12);
+        println!(
+            "max_rel_err {err:.3e} (first-step loss against one CPU device; tolerance {:.0e})",
+            a.tolerance
+        );
+        anyhow::ensure!(
+            err <= a.tolerance,
+            "verification failed: max_rel_err {err:.3e} exceeds the tolerance {:.0e}",
             a.tolerance
         );
     }

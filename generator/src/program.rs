@@ -198,6 +198,17 @@ impl Program {
         out
     }
 
+    /// Every group any rank issues a collective on, sorted (what a backend creates
+    /// communicators for).
+    pub fn groups(&self) -> Vec<Vec<usize>> {
+        let mut all: Vec<Vec<usize>> = (0..self.world_size())
+            .flat_map(|r| self.issued(r).into_iter().map(|c| c.group))
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// `rank`'s program in text form: leaves with the rank's block, then every instruction
     /// with its concrete group.
     pub fn rank_view(&self, rank: usize) -> String {

@@ -13,3 +13,5 @@ pub mod lower;
 pub mod session;
 pub mod weights;
 pub use tch;
+#[cfg(feature = "cuda")]
+pub mod cuda;
