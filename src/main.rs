@@ -139,7 +139,8 @@ struct RunArgs {
 /// How a model is chosen and shaped (shared by the commands that load one).
 #[derive(Args)]
 struct ModelArgs {
-    /// A built-in model (gpt2, gpt2-medium, llama-8b, resnet50, ...) or a model file (.onnx).
+    /// A built-in model (gpt2, gpt2-medium, llama-8b, resnet50, ...) or a model file (.onnx, or
+    /// a TorchScript archive .pt).
     model: String,
     /// Batch size (built-in models).
     #[arg(long)]
@@ -574,10 +575,6 @@ fn run(a: &RunArgs) -> Result<()> {
             weight_decay: 0.0,
         },
     };
-    anyhow::ensure!(
-        matches!(po.policy, DTypePolicy::Fp32),
-        "--dtype bf16: the CPU runtime trains in fp32"
-    );
     let use_plan = match &a.plan_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)

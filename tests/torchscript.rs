@@ -7,7 +7,7 @@ use autopar::analyzer::train::{DTypePolicy, Optimizer};
 use autopar::planner::PlanOptions;
 use autopar::solver::cluster::Cluster;
 use autopar::{inspect, load_model, plan_model, LoadOptions, LossChoice, ModelSource};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn corpus() -> Option<PathBuf> {
     let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -23,7 +23,7 @@ struct Side {
 }
 
 /// Loads `rel`, profiles a training step and plans it on `mesh`.
-fn measure(dir: &PathBuf, rel: &str, loss: LossChoice, mesh: &[usize]) -> Side {
+fn measure(dir: &Path, rel: &str, loss: LossChoice, mesh: &[usize]) -> Side {
     let path = dir.join(rel);
     let opts = LoadOptions {
         loss,

@@ -74,6 +74,7 @@ pub fn generate(tg: &TrainingGraph, plan: &Plan) -> Result<Program, GenerateErro
             loss: SlotId(0),
             updates: vec![],
             buffer_updates: vec![],
+            mixed_bf16: policy == DTypePolicy::Bf16Mixed,
         },
         layouts: HashMap::new(),
         strategies: HashMap::new(),

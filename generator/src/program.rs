@@ -113,6 +113,9 @@ pub struct Program {
     pub updates: Vec<Update>,
     /// `(buffer leaf, its new value)`, in the buffer's layout (BatchNorm running statistics).
     pub buffer_updates: Vec<(SlotId, SlotId)>,
+    /// bf16 mixed precision (the plan's `bf16_mixed`): float values are computed in bf16 from
+    /// fp32 master weights, which the optimizer updates in fp32.
+    pub mixed_bf16: bool,
 }
 
 /// A collective as one rank issues it: the verifier compares these across ranks.

@@ -3,7 +3,7 @@
 //!
 //! Two kinds of backends: any host [`Communicator`] (the `f32` words of [`Loopback`]: a float
 //! tensor as is, 64-bit types as two words per element, other integer and boolean types
-//! widened to 64 bits first; sums on float tensors only), and NCCL on device tensors (feature
+//! widened to 64 bits first; sums on float tensors only; bf16 and f16 travel as f32), and NCCL on device tensors (feature
 //! `cuda`). [`run_move`] turns each move (all-gather along a dim, reduce-scatter onto a dim,
 //! all-to-all between dims, local slice) into flat collectives with chunk / concatenate, the
 //! same for every backend.
@@ -82,6 +82,8 @@ fn words(t: &Tensor) -> Result<Vec<f32>, CollectiveError> {
     let flat = t.f_contiguous()?.f_flatten(0, -1)?;
     match t.kind() {
         Kind::Float => Ok(Vec::<f32>::try_from(&flat)?),
+        // half-precision floats travel (and sum) as f32: exact for every value they hold
+        Kind::BFloat16 | Kind::Half => Ok(Vec::<f32>::try_from(&flat.f_to_kind(Kind::Float)?)?),
         Kind::Double => Ok(Vec::<f64>::try_from(&flat)?
             .into_iter()
             .flat_map(|x| split64(x.to_bits()))
@@ -109,6 +111,7 @@ fn from_words(
 ) -> Result<Tensor, CollectiveError> {
     let t = match kind {
         Kind::Float => Tensor::from_slice(w),
+        Kind::BFloat16 | Kind::Half => Tensor::from_slice(w).f_to_kind(kind)?,
         Kind::Double => {
             let v: Vec<f64> = w.chunks(2).map(|c| f64::from_bits(join64(c))).collect();
             Tensor::from_slice(&v)
@@ -122,7 +125,7 @@ fn from_words(
 }
 
 fn need_float(t: &Tensor, what: &str) -> Result<(), CollectiveError> {
-    if t.kind() == Kind::Float {
+    if matches!(t.kind(), Kind::Float | Kind::BFloat16 | Kind::Half) {
         Ok(())
     } else {
         Err(CollectiveError::Other(format!(

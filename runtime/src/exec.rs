@@ -234,8 +234,18 @@ impl RankState {
         let _guard = tch::no_grad_guard();
         let p = self.program.clone();
         let mut slots: Vec<Option<Tensor>> = (0..p.slots.len()).map(|_| None).collect();
+        // under bf16 mixed precision, every float value is computed in bf16: the leaves'
+        // compute copies here, each node's float outputs below
+        let compute = |t: Tensor| -> Result<Tensor, tch::TchError> {
+            if p.mixed_bf16 && t.is_floating_point() && t.kind() != Kind::BFloat16 {
+                t.f_to_kind(Kind::BFloat16)
+            } else {
+                Ok(t)
+            }
+        };
         for (s, t) in &self.leaves {
-            slots[s.0 as usize] = Some(t.shallow_clone());
+            slots[s.0 as usize] =
+                Some(compute(t.shallow_clone()).map_err(torch_err("a weight's compute copy"))?);
         }
         for leaf in p.leaves.iter().filter(|l| l.kind == LeafKind::Input) {
             let slot = p.slot(leaf.slot);
@@ -256,6 +266,7 @@ impl RankState {
             let t = block(&global, &offsets, &slot.local.shape)
                 .and_then(|t| t.f_to_kind(lower::kind_of(slot.global.dtype)))
                 .and_then(|t| t.f_to(self.device))
+                .and_then(compute)
                 .map_err(torch_err(&slot.name))?;
             slots[leaf.slot.0 as usize] = Some(t);
         }
@@ -310,7 +321,7 @@ impl RankState {
                     let outs = lower::lower(&c.op, &ins, &mut ctx)
                         .map_err(|source| ExecError::Lower { place, source })?;
                     for (&s, t) in c.outputs.iter().zip(outs) {
-                        slots[s.0 as usize] = Some(t);
+                        slots[s.0 as usize] = Some(compute(t).map_err(torch_err(&c.name))?);
                     }
                 }
                 Instr::Move(m) => {

@@ -300,7 +300,7 @@ pub fn lower(
     inputs: &[&Tensor],
     ctx: &mut LowerCtx<'_>,
 ) -> Result<Vec<Tensor>, LowerError> {
-    lower_inner(op, inputs, ctx).map_err(|f| match f {
+    lower_mixed(op, inputs, ctx).map_err(|f| match f {
         Fail::Torch(source) => LowerError::Torch {
             op: op.name(),
             source,
@@ -314,6 +314,59 @@ pub fn lower(
             reason: format!("group sum failed: {e}"),
         },
     })
+}
+
+/// Ops whose reductions lose too much in bf16 / f16 (normalisations, softmax, losses,
+/// reductions): with low-precision float inputs they compute in f32 and return the inputs'
+/// precision, as PyTorch's autocast keeps them in f32.
+fn needs_f32(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Softmax(_)
+            | Op::LayerNorm(_)
+            | Op::LayerNormGrad(_)
+            | Op::RmsNorm(_)
+            | Op::RmsNormGrad(_)
+            | Op::SoftmaxCrossEntropy(_)
+            | Op::SoftmaxCrossEntropyGrad(_)
+            | Op::BatchNorm(_)
+            | Op::BatchNormGrad(_)
+            | Op::Reduce(_)
+    )
+}
+
+fn lower_mixed(op: &Op, inputs: &[&Tensor], ctx: &mut LowerCtx<'_>) -> R<Vec<Tensor>> {
+    let low = inputs
+        .iter()
+        .map(|t| t.kind())
+        .find(|k| matches!(k, Kind::BFloat16 | Kind::Half));
+    match low {
+        Some(low) if needs_f32(op) => {
+            let up: Vec<Tensor> = inputs
+                .iter()
+                .map(|t| {
+                    if t.kind() == low {
+                        t.f_to_kind(Kind::Float)
+                    } else {
+                        Ok(t.shallow_clone())
+                    }
+                })
+                .collect::<Result<_, _>>()?;
+            let refs: Vec<&Tensor> = up.iter().collect();
+            let outs = lower_inner(op, &refs, ctx)?;
+            Ok(outs
+                .into_iter()
+                .map(|t| {
+                    if t.kind() == Kind::Float {
+                        t.f_to_kind(low)
+                    } else {
+                        Ok(t)
+                    }
+                })
+                .collect::<Result<_, _>>()?)
+        }
+        _ => lower_inner(op, inputs, ctx),
+    }
 }
 
 fn lower_inner(op: &Op, inputs: &[&Tensor], ctx: &mut LowerCtx<'_>) -> R<Vec<Tensor>> {

@@ -116,6 +116,9 @@ impl Archive {
     }
 }
 
+/// One output of [`Archive::forward`]: c10 dtype name, shape, bytes.
+pub type RawOutput = (String, Vec<i64>, Vec<u8>);
+
 /// One input of [`Archive::forward`]: c10 dtype name, shape, row-major little-endian bytes.
 pub struct RawTensor {
     pub dtype: &'static str,
@@ -141,10 +144,7 @@ impl Archive {
 
     /// Runs the module's own `forward` on `inputs`; returns the flattened outputs as
     /// `(c10 dtype name, shape, bytes)`.
-    pub fn forward(
-        &self,
-        inputs: &[RawTensor],
-    ) -> Result<Vec<(String, Vec<i64>, Vec<u8>)>, String> {
+    pub fn forward(&self, inputs: &[RawTensor]) -> Result<Vec<RawOutput>, String> {
         let names: Vec<CString> = inputs
             .iter()
             .map(|t| CString::new(t.dtype).map_err(|_| "bad dtype name".to_string()))
