@@ -18,7 +18,8 @@ for s in auto dp fsdp tp; do
 done
 for m in ddp fsdp2 tp; do
   torchrun --nproc-per-node "$N" benches/pytorch/gpt_baselines.py --mode $m --batch 8 --seq 1024 \
-    2>/dev/null | tee "$OUT/pytorch_$m.json"
+    2>"$OUT/pytorch_$m.err" | tee "$OUT/pytorch_$m.json"
+  [ -s "$OUT/pytorch_$m.json" ] || tail -20 "$OUT/pytorch_$m.err"
 done
 torchrun --nproc-per-node "$N" benches/pytorch/gpt_baselines.py --mode ddp --compile --batch 8 \
   --seq 1024 2>/dev/null | tee "$OUT/pytorch_ddp_compile.json"

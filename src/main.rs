@@ -716,13 +716,15 @@ fn run_cuda(
     .map_err(anyhow::Error::msg)?;
     for (i, s) in steps.iter().enumerate() {
         println!(
-            "step {:>4}  loss {:.6}  {:.0} tokens/s  measured {:.2} ms  predicted {:.3} ms ({})",
+            "step {:>4}  loss {:.6}  {:.0} tokens/s  measured {:.2} ms  predicted {:.3} ms ({})  device memory {} (predicted peak {})",
             i + 1,
             s.loss,
             tokens as f64 / s.seconds,
             s.seconds * 1e3,
             par.plan.predicted.step_s * 1e3,
-            par.plan.cluster.name
+            par.plan.cluster.name,
+            human_bytes(s.device_bytes),
+            human_bytes(par.plan.predicted.peak_memory_bytes)
         );
     }
     if a.verify {

@@ -93,7 +93,9 @@ def main():
             parallelize_module(blk, mesh, plan)
     if a.compile:
         model = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, foreach=True)
+    # DTensor and plain parameters cannot share a foreach kernel
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
+                            foreach=a.mode != "tp")
     g = torch.Generator(device="cuda").manual_seed(rank if a.mode != "tp" else 0)
     ids = torch.randint(0, a.vocab, (local_batch, a.seq), device="cuda", generator=g)
     labels = torch.randint(0, a.vocab, (local_batch, a.seq), device="cuda", generator=g)

@@ -121,6 +121,14 @@ impl NcclComm {
     }
 
     /// Aborts every communicator (after an error, so that peers' collectives fail too).
+    /// Device memory in use on this rank's GPU (total minus free).
+    pub fn device_bytes(&self) -> f64 {
+        self._ctx
+            .mem_get_info()
+            .map(|(free, total)| total.saturating_sub(free) as f64)
+            .unwrap_or(f64::NAN)
+    }
+
     pub fn abort(&mut self) {
         for (_, c) in self.comms.drain() {
             // SAFETY: each communicator is aborted once and then forgotten.
@@ -325,6 +333,10 @@ pub struct CudaStep {
     pub loss: f64,
     /// Wall-clock seconds of the step, the devices synchronised at both ends.
     pub seconds: f64,
+    /// The most device memory any rank's process holds after the step (total minus free, as
+    /// the driver reports it): libtorch's caching allocator keeps what it reserved at its peak,
+    /// so this is the step's reserved peak, plus the CUDA context and NCCL buffers.
+    pub device_bytes: f64,
 }
 
 /// Trains `steps` steps of `program` with one thread per rank, rank r on GPU r, NCCL between
@@ -347,10 +359,11 @@ pub fn train_cuda(
     }
     let ids = NcclIds::new(&program.groups())?;
     let barrier = FailBarrier::new(world);
+    let peak: Vec<Mutex<Vec<f64>>> = (0..world).map(|_| Mutex::new(vec![])).collect();
     let results: Vec<Result<Vec<CudaStep>, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
-                let (program, ids, barrier) = (program.clone(), &ids, &barrier);
+                let (program, ids, barrier, peak) = (program.clone(), &ids, &barrier, &peak);
                 s.spawn(move || -> Result<Vec<CudaStep>, String> {
                     let run = || -> Result<Vec<CudaStep>, String> {
                         let mut comm = NcclComm::new(rank, ids)?;
@@ -372,9 +385,13 @@ pub fn train_cuda(
                             };
                             tch::Cuda::synchronize(rank as i64);
                             barrier.wait()?;
+                            let seconds = t0.elapsed().as_secs_f64();
+                            let bytes = comm.device_bytes();
+                            peak[rank].lock().unwrap_or_else(|e| e.into_inner()).push(bytes);
                             out.push(CudaStep {
                                 loss: r.loss,
-                                seconds: t0.elapsed().as_secs_f64(),
+                                seconds,
+                                device_bytes: bytes,
                             });
                         }
                         Ok(out)
@@ -407,8 +424,17 @@ pub fn train_cuda(
             }
         }
     }
-    match first {
-        Some(e) => Err(e),
-        None => Ok(steps_of_rank0),
+    if let Some(e) = first {
+        return Err(e);
     }
+    // each step's memory: the largest over the ranks
+    for (k, step) in steps_of_rank0.iter_mut().enumerate() {
+        for p in &peak {
+            let p = p.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(&b) = p.get(k) {
+                step.device_bytes = step.device_bytes.max(b);
+            }
+        }
+    }
+    Ok(steps_of_rank0)
 }
