@@ -387,7 +387,10 @@ pub fn train_cuda(
                             barrier.wait()?;
                             let seconds = t0.elapsed().as_secs_f64();
                             let bytes = comm.device_bytes();
-                            peak[rank].lock().unwrap_or_else(|e| e.into_inner()).push(bytes);
+                            peak[rank]
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(bytes);
                             out.push(CudaStep {
                                 loss: r.loss,
                                 seconds,

@@ -4,6 +4,7 @@
 //! no graph types) -> ILP -> `Solution` -> `Plan`. Resharding between any two specs is decided
 //! by one function, [`reshard::transition`]; the solver prices it, the generator emits it.
 
+pub mod checkpoint;
 pub mod cluster;
 pub mod ilp;
 pub mod mesh;
