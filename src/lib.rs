@@ -9,6 +9,7 @@
 
 pub mod auto;
 pub mod bench;
+pub mod checkpointing;
 pub mod data;
 pub mod planner;
 

@@ -101,6 +101,10 @@ struct PlanArgs {
     /// Print rank R's program (the generator's output, in text form) instead of the tables.
     #[arg(long = "dump-rank", value_name = "R")]
     dump_rank: Option<usize>,
+    /// Activation checkpointing: rotor (optimal under the budget), chen (sqrt(n) segments),
+    /// none, or auto (rotor when keeping every activation does not fit the budget).
+    #[arg(long, default_value = "auto")]
+    checkpoint: String,
 }
 
 #[derive(Args)]
@@ -345,7 +349,29 @@ fn plan(a: &PlanArgs) -> Result<()> {
     let model = progress.phase("loading model", || {
         autopar::load_model(&a.model.model, &opts)
     })?;
-    let plan = progress.phase("planning", || autopar::plan_model(&model, &opts, &po))?;
+    let mut plan = progress.phase("planning", || autopar::plan_model(&model, &opts, &po))?;
+    let strategy = match a.checkpoint.as_str() {
+        "auto" => None,
+        s => Some(
+            s.parse::<autopar::solver::checkpoint::Strategy>()
+                .map_err(|e| {
+                    anyhow::anyhow!("--checkpoint {s}: {e} (expected auto, rotor, chen or none)")
+                })?,
+        ),
+    };
+    if a.dump_rank.is_none() {
+        let tg = autopar::build_training(&model, &opts)?;
+        let profile = autopar::analyzer::profile::profile(&tg, po.optimizer, po.policy);
+        let r = progress.phase("checkpointing", || {
+            autopar::checkpointing::checkpoint_plan(&tg, &profile, &mut plan, po.policy, strategy)
+        });
+        match r {
+            Ok(()) => {}
+            // with auto, a schedule that cannot be found leaves the sharding plan as it is
+            Err(e) if strategy.is_none() => eprintln!("note: {e}"),
+            Err(e) => return Err(e.into()),
+        }
+    }
     if let Some(rank) = a.dump_rank {
         anyhow::ensure!(
             rank < plan.mesh.num_devices(),
@@ -472,6 +498,20 @@ fn plan(a: &PlanArgs) -> Result<()> {
         "peak memory / device  {}",
         human_bytes(plan.predicted.peak_memory_bytes)
     );
+    if let Some(c) = &plan.checkpoint {
+        let recomputed = c.schedule.forward_count().saturating_sub(c.stages.len());
+        println!(
+            "checkpointing         {} over {} stages: activations {} of {} available ({} without), {} stage forwards recomputed, +{:.3} ms -> step {:.3} ms",
+            c.strategy,
+            c.stages.len(),
+            human_bytes(c.activation_peak_bytes),
+            human_bytes(c.activation_budget_bytes),
+            human_bytes(c.activation_peak_without_bytes),
+            recomputed,
+            c.recompute_s * 1e3,
+            c.step_s * 1e3
+        );
+    }
     println!(
         "solver                {} {}, objective {:.6} s, lower bound {:.6} s, gap {:.3} %",
         r.backend,
@@ -554,6 +594,11 @@ fn run(a: &RunArgs) -> Result<()> {
         "--device cuda: this autopar was built without the CUDA runtime (cargo build --features cuda)"
     );
     anyhow::ensure!(a.steps >= 1, "--steps must be at least 1");
+    anyhow::ensure!(
+        matches!(a.plan.checkpoint.as_str(), "auto" | "none"),
+        "--checkpoint {}: the runtime does not execute recompute schedules yet (autopar plan reports them)",
+        a.plan.checkpoint
+    );
     let opts = load_options(&a.plan.model)?;
     let po = plan_options(&a.plan)?;
     let optimizer = match a.plan.optimizer {

@@ -1409,6 +1409,7 @@ fn read_plan(b: &Builder, built: &Built, sol: &Solution, model: &str) -> Result<
             peak_memory_bytes: ev.peak_memory,
         },
         solver: SolverReport::default(),
+        checkpoint: None,
     })
 }
 

@@ -347,3 +347,31 @@ fn run_refuses_a_model_that_does_not_fit() {
         "{err}"
     );
 }
+
+#[test]
+fn plan_reports_a_checkpoint_schedule() {
+    let (ok, out, err) = autopar(&[
+        "plan",
+        "gpt2",
+        "--batch",
+        "4",
+        "--seq",
+        "256",
+        "--layers",
+        "4",
+        "--mesh",
+        "2",
+        "--checkpoint",
+        "chen",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("checkpointing         chen over"), "{out}");
+    let (ok, _, err) = autopar(&["plan", "gpt2", "--mesh", "2", "--checkpoint", "often"]);
+    assert!(!ok && err.contains("--checkpoint often"), "{err}");
+    let args = tiny_gpt2_with(&["--mesh", "2", "--checkpoint", "rotor"]);
+    let (ok, _, err) = autopar_owned(&args);
+    assert!(
+        !ok && err.contains("does not execute recompute schedules yet"),
+        "{err}"
+    );
+}

@@ -278,3 +278,53 @@ fn sp_splits_the_sequence_between_tensor_parallel_regions() {
         qkv.notation
     );
 }
+
+#[test]
+fn checkpointing_fits_activations_in_what_the_budget_leaves() {
+    use autopar::analyzer::train::DTypePolicy;
+    use autopar::solver::checkpoint::Strategy;
+    let mut opts = LoadOptions::default();
+    for (k, v) in [("batch", "4"), ("seq", "256"), ("layers", "4")] {
+        opts.overrides.set(k, v).expect("override");
+    }
+    let m = load_model("gpt2", &opts).expect("model loads");
+    let tg = autopar::build_training(&m, &opts).expect("training graph");
+    let po = PlanOptions::new(vec![2], Cluster::preset("h100").expect("preset"));
+    let profile = autopar::analyzer::profile::profile(&tg, po.optimizer, po.policy);
+    let base = plan_model(&m, &opts, &po).expect("plan");
+    let checkpointed = |strategy, budget: Option<f64>| {
+        let mut p = base.clone();
+        p.memory_budget_bytes = budget;
+        autopar::checkpointing::checkpoint_plan(&tg, &profile, &mut p, DTypePolicy::Fp32, strategy)
+            .map(|()| p.checkpoint.expect("recorded"))
+    };
+    let free = checkpointed(Some(Strategy::None), None).expect("keep all");
+    assert!(
+        free.stages.len() >= 8,
+        "a stage per sub-block: {:?}",
+        free.stages
+    );
+    assert_eq!(free.recompute_s, 0.0);
+    // a budget between the least any schedule needs and keeping everything
+    let fixed: f64 = base.tensors.iter().map(|t| t.bytes_per_device).sum();
+    let (chain, _) =
+        autopar::checkpointing::chain_of(&tg, &profile, &base, DTypePolicy::Fp32).expect("chain");
+    let least = autopar::solver::checkpoint::min_peak_bytes(&chain).expect("minimum") as f64;
+    assert!(least < free.activation_peak_bytes);
+    let budget = fixed + (least + free.activation_peak_bytes) / 2.0;
+    let rotor = checkpointed(Some(Strategy::Rotor), Some(budget)).expect("rotor fits");
+    assert!(rotor.activation_peak_bytes <= rotor.activation_budget_bytes);
+    assert!(rotor.recompute_s > 0.0 && rotor.step_s > base.predicted.step_s);
+    // auto picks rotor when keeping everything does not fit
+    let auto = checkpointed(None, Some(budget)).expect("auto");
+    assert_eq!(auto.strategy, "rotor");
+    // keeping everything does not fit: an error naming the peak and the budget
+    let err = checkpointed(Some(Strategy::None), Some(budget)).expect_err("over budget");
+    assert!(err.to_string().contains("budget"), "{err}");
+    // below any schedule: the error states the minimum
+    let err = checkpointed(Some(Strategy::Rotor), Some(fixed + 1024.0)).expect_err("too small");
+    assert!(
+        err.to_string().contains("smallest peak any schedule"),
+        "{err}"
+    );
+}

@@ -31,6 +31,30 @@ pub struct Plan {
     pub collectives: Vec<PlanCollective>,
     pub predicted: Prediction,
     pub solver: SolverReport,
+    /// The activation-checkpointing schedule chosen for this plan, if any was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointPlan>,
+}
+
+/// Activation checkpointing on top of a sharding plan: the training step linearized into
+/// stages (cut where one activation alone crosses), and the schedule of forward modes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointPlan {
+    /// `rotor`, `chen` or `none`.
+    pub strategy: String,
+    /// Per stage, the name of its first forward node.
+    pub stages: Vec<String>,
+    pub schedule: crate::checkpoint::Schedule,
+    /// Bytes per device left for activations (budget minus parameters, gradients, optimizer
+    /// state and inputs).
+    pub activation_budget_bytes: f64,
+    /// Activation peak per device with this schedule, and with none.
+    pub activation_peak_bytes: f64,
+    pub activation_peak_without_bytes: f64,
+    /// Forward time run again in the backward.
+    pub recompute_s: f64,
+    /// The plan's predicted step time plus the recomputation.
+    pub step_s: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
