@@ -318,7 +318,7 @@ pub fn lower(
 
 /// Ops whose reductions lose too much in bf16 / f16 (normalisations, softmax, losses,
 /// reductions): with low-precision float inputs they compute in f32 and return the inputs'
-/// precision, as PyTorch's autocast keeps them in f32.
+/// output types' precision, as PyTorch's autocast keeps them in f32.
 fn needs_f32(op: &Op) -> bool {
     matches!(
         op,
@@ -354,14 +354,23 @@ fn lower_mixed(op: &Op, inputs: &[&Tensor], ctx: &mut LowerCtx<'_>) -> R<Vec<Ten
                 .collect::<Result<_, _>>()?;
             let refs: Vec<&Tensor> = up.iter().collect();
             let outs = lower_inner(op, &refs, ctx)?;
+            // back to the precision the node's output types ask for (statistics outputs stay
+            // f32; under mixed precision the graph says f32 and the executor casts)
+            let wanted: Vec<Option<Kind>> = (0..outs.len())
+                .map(|k| {
+                    ctx.outputs.get(k).and_then(|t| match t.dtype {
+                        DType::BF16 => Some(Kind::BFloat16),
+                        DType::F16 => Some(Kind::Half),
+                        _ => None,
+                    })
+                })
+                .collect();
             Ok(outs
                 .into_iter()
-                .map(|t| {
-                    if t.kind() == Kind::Float {
-                        t.f_to_kind(low)
-                    } else {
-                        Ok(t)
-                    }
+                .zip(wanted)
+                .map(|(t, w)| match w {
+                    Some(k) if t.kind() == Kind::Float => t.f_to_kind(k),
+                    _ => Ok(t),
                 })
                 .collect::<Result<_, _>>()?)
         }
