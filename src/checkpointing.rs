@@ -56,20 +56,7 @@ pub fn chain_of(
     }
     // activations: values on a differentiable path from a parameter (masks and position tables
     // computed from inputs alone are not: they cross every cut and are small)
-    let mut needs_grad = vec![false; g.values.len()];
-    for p in g.params() {
-        needs_grad[p.0 as usize] = true;
-    }
-    for (_, node) in g.nodes.iter().take(fwd) {
-        let any = node
-            .inputs
-            .iter()
-            .enumerate()
-            .any(|(i, v)| needs_grad[v.0 as usize] && node.op.spec().differentiable(i));
-        for &o in &node.outputs {
-            needs_grad[o.0 as usize] = any && g.ty(o).dtype.is_float();
-        }
-    }
+    let needs_grad = tg.needs_grad();
     // cuts: after node k, exactly one activation crosses
     let mut cuts: Vec<(usize, ValueId)> = vec![];
     let mut live: HashSet<ValueId> = HashSet::new();

@@ -531,28 +531,7 @@ fn plan(a: &PlanArgs) -> Result<()> {
     Ok(())
 }
 
-/// Largest relative error (max |a - b| / max |b|) over paired whole tensors.
-fn max_rel_err(
-    a: &[autopar::runtime::weights::NamedTensor],
-    b: &[autopar::runtime::weights::NamedTensor],
-) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|((_, _, x), (_, _, y))| {
-            let scale = y
-                .iter()
-                .fold(0.0f64, |m, &v| m.max(v.abs() as f64))
-                .max(1e-12);
-            let diff = x
-                .iter()
-                .zip(y)
-                .fold(0.0f64, |m, (&p, &q)| m.max((p as f64 - q as f64).abs()));
-            diff / scale
-        })
-        .fold(0.0, f64::max)
-}
-
-/// [`max_rel_err`] of updated parameters, leaving out the elements whose reference gradient
+/// `max_rel_err` of updated parameters, leaving out the elements whose reference gradient
 /// is at the noise floor (|g| <= 1e-4 max |g| of its tensor): there AdamW's normalised update
 /// `g / (|g| + eps)` turns rounding noise of either run into a full step of either sign.
 fn max_rel_err_above_noise(
@@ -580,6 +559,21 @@ fn max_rel_err_above_noise(
             diff / scale
         })
         .fold(0.0, f64::max)
+}
+
+/// What a step's throughput counts: the tokens of the first 2-D integer input, else the
+/// samples of the first input's batch.
+fn batch_units(g: &autopar::analyzer::Graph) -> (usize, &'static str) {
+    g.inputs
+        .iter()
+        .find(|&&v| g.ty(v).dtype.is_int() && g.ty(v).rank() == 2)
+        .map(|&v| (g.ty(v).numel(), "tokens"))
+        .or_else(|| {
+            g.inputs
+                .first()
+                .and_then(|&v| g.ty(v).shape.first().map(|&b| (b, "samples")))
+        })
+        .unwrap_or((1, "steps"))
 }
 
 fn run(a: &RunArgs) -> Result<()> {
@@ -650,17 +644,7 @@ fn run(a: &RunArgs) -> Result<()> {
     }
     let trainer = progress.phase("loading weights", || par.trainer_with(&graph))?;
     let g = &par.training.graph;
-    let tokens = g
-        .inputs
-        .iter()
-        .find(|&&v| g.ty(v).dtype.is_int() && g.ty(v).rank() == 2)
-        .map(|&v| (g.ty(v).numel(), "tokens"))
-        .or_else(|| {
-            g.inputs
-                .first()
-                .and_then(|&v| g.ty(v).shape.first().map(|&b| (b, "samples")))
-        })
-        .unwrap_or((1, "steps"));
+    let tokens = batch_units(g);
     println!(
         "{} on {} simulated ranks (mesh {}), strategy {}, predicted step {:.3} ms on {}",
         par.plan.model,
@@ -681,9 +665,9 @@ fn run(a: &RunArgs) -> Result<()> {
             let one_trainer = one.trainer_with(&graph)?;
             let r1 = one_trainer.step_with_grads(&batch)?;
             let loss_err = (r.loss - r1.loss).abs() / r1.loss.abs().max(1e-12);
-            let grad_err = max_rel_err(&r.grads, &r1.grads);
+            let grad_err = autopar::runtime::weights::max_rel_err(&r.grads, &r1.grads).0;
             let (pn, p1) = (trainer.params()?, one_trainer.params()?);
-            let param_all = max_rel_err(&pn, &p1);
+            let param_all = autopar::runtime::weights::max_rel_err(&pn, &p1).0;
             let param_err = max_rel_err_above_noise(&pn, &p1, &r1.grads);
             let worst = loss_err.max(grad_err).max(param_err);
             println!(
@@ -734,12 +718,7 @@ fn run_cuda(
     auto: &autopar::AutoOptions,
 ) -> Result<()> {
     let g = &par.training.graph;
-    let tokens = g
-        .inputs
-        .iter()
-        .find(|&&v| g.ty(v).dtype.is_int() && g.ty(v).rank() == 2)
-        .map(|&v| g.ty(v).numel())
-        .unwrap_or(1);
+    let tokens = batch_units(g);
     println!(
         "{} on {} GPUs (mesh {}), strategy {}, predicted step {:.3} ms on {}",
         par.plan.model,
@@ -761,10 +740,11 @@ fn run_cuda(
     .map_err(anyhow::Error::msg)?;
     for (i, s) in steps.iter().enumerate() {
         println!(
-            "step {:>4}  loss {:.6}  {:.0} tokens/s  measured {:.2} ms  predicted {:.3} ms ({})  device memory {} (predicted peak {})",
+            "step {:>4}  loss {:.6}  {:.0} {}/s  measured {:.2} ms  predicted {:.3} ms ({})  device memory {} (predicted peak {})",
             i + 1,
             s.loss,
-            tokens as f64 / s.seconds,
+            tokens.0 as f64 / s.seconds,
+            tokens.1,
             s.seconds * 1e3,
             par.plan.predicted.step_s * 1e3,
             par.plan.cluster.name,

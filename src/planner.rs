@@ -472,21 +472,7 @@ pub fn plan(
         .collect();
     let (sequence_axis, _) = propagate_dim(g, fwd, &token_seeds);
 
-    // needs_grad: values on a path from a parameter
-    let mut needs_grad = vec![false; g.values.len()];
-    for p in g.params() {
-        needs_grad[p.0 as usize] = true;
-    }
-    for (_, node) in g.nodes.iter().take(fwd) {
-        let any = node
-            .inputs
-            .iter()
-            .enumerate()
-            .any(|(i, v)| needs_grad[v.0 as usize] && node.op.spec().differentiable(i));
-        for &o in &node.outputs {
-            needs_grad[o.0 as usize] = any && g.ty(o).dtype.is_float();
-        }
-    }
+    let needs_grad = tg.needs_grad();
 
     let mut b = Builder {
         g,

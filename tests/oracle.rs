@@ -64,23 +64,11 @@ fn run(model: &str, mesh: &[usize], family: Family, opt: OptimizerConfig) -> Out
 }
 
 fn max_rel(a: &[NamedTensor], b: &[NamedTensor]) -> (f64, String) {
-    let mut worst = (0.0, String::new());
     assert_eq!(a.len(), b.len());
-    for ((na, _, xa), (nb, _, xb)) in a.iter().zip(b) {
+    for ((na, _, _), (nb, _, _)) in a.iter().zip(b) {
         assert_eq!(na, nb);
-        let scale = xb
-            .iter()
-            .fold(0.0f64, |m, &x| m.max(x.abs() as f64))
-            .max(1e-12);
-        let diff = xa
-            .iter()
-            .zip(xb)
-            .fold(0.0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
-        if diff / scale > worst.0 {
-            worst = (diff / scale, na.clone());
-        }
     }
-    worst
+    autopar_runtime::weights::max_rel_err(a, b)
 }
 
 const SGD: OptimizerConfig = OptimizerConfig::Sgd {

@@ -53,6 +53,22 @@ fn fmt_num(dtype: DType, v: f64) -> String {
 }
 
 /// Prints `graph` in the text form.
+/// An op's attributes as the text form prints them after its arguments (` {"axis":0}`), or
+/// nothing for an op without attributes.
+pub fn op_attrs(op: &crate::ops::Op) -> String {
+    match serde_json::to_value(op) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.remove("op");
+            if m.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", serde_json::Value::Object(m))
+            }
+        }
+        _ => String::new(),
+    }
+}
+
 pub fn print(g: &Graph) -> String {
     let mut s = String::from("graph {\n");
     for (v, d) in g.values.iter() {
@@ -92,17 +108,7 @@ pub fn print(g: &Graph) -> String {
             (Phase::Backward, None) => " backward".into(),
         };
         let args: Vec<String> = node.inputs.iter().map(|v| v.to_string()).collect();
-        let attrs = match serde_json::to_value(&node.op) {
-            Ok(serde_json::Value::Object(mut m)) => {
-                m.remove("op");
-                if m.is_empty() {
-                    String::new()
-                } else {
-                    format!(" {}", serde_json::Value::Object(m))
-                }
-            }
-            _ => String::new(),
-        };
+        let attrs = op_attrs(&node.op);
         let outs: Vec<String> = node
             .outputs
             .iter()

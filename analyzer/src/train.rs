@@ -94,6 +94,28 @@ pub struct TrainingGraph {
 }
 
 impl TrainingGraph {
+    /// Per value: whether it lies on a differentiable path from a parameter through the
+    /// forward (a float value whose gradient the backward computes). Masks and position
+    /// tables computed from inputs alone do not.
+    pub fn needs_grad(&self) -> Vec<bool> {
+        let g = &self.graph;
+        let mut needs = vec![false; g.values.len()];
+        for p in g.params() {
+            needs[p.0 as usize] = true;
+        }
+        for (_, node) in g.nodes.iter().take(self.forward_nodes) {
+            let any = node
+                .inputs
+                .iter()
+                .enumerate()
+                .any(|(i, v)| needs[v.0 as usize] && node.op.spec().differentiable(i));
+            for &o in &node.outputs {
+                needs[o.0 as usize] = any && g.ty(o).dtype.is_float();
+            }
+        }
+        needs
+    }
+
     /// The gradient of `param`, if it has one.
     pub fn grad_of(&self, param: ValueId) -> Option<ValueId> {
         self.grads

@@ -82,10 +82,18 @@ pub fn generate(tg: &TrainingGraph, plan: &Plan) -> Result<Program, GenerateErro
     };
     let storage: HashMap<u32, &ShardingSpec> =
         plan.tensors.iter().map(|t| (t.value, &t.spec)).collect();
+    let storage_of = |v: ValueId| -> Result<ShardingSpec, GenerateError> {
+        storage.get(&v.0).map(|s| (*s).clone()).ok_or_else(|| {
+            GenerateError::PlanMismatch(format!(
+                "the plan gives no layout for {v} ({})",
+                g.value(v).name
+            ))
+        })
+    };
     for (v, d) in g.values.iter() {
         let (kind, spec) = match &d.def {
-            ValueDef::Input => (LeafKind::Input, storage[&v.0].clone()),
-            ValueDef::Param { .. } => (LeafKind::Param, storage[&v.0].clone()),
+            ValueDef::Input => (LeafKind::Input, storage_of(v)?),
+            ValueDef::Param { .. } => (LeafKind::Param, storage_of(v)?),
             ValueDef::Buffer { .. } => (LeafKind::Buffer, ShardingSpec::replicated(d.ty.rank())),
             ValueDef::Const(_) => (LeafKind::Const, ShardingSpec::replicated(d.ty.rank())),
             ValueDef::Node { .. } => continue,
@@ -132,7 +140,7 @@ pub fn generate(tg: &TrainingGraph, plan: &Plan) -> Result<Program, GenerateErro
         for &v in &node.outputs {
             if let Some(&p) = grad_of.get(&v) {
                 // gradient synchronisation as soon as the gradient is final
-                gen.ensure(v, &storage[&p.0].clone())?;
+                gen.ensure(v, &storage_of(p)?)?;
             }
         }
     }
@@ -140,7 +148,7 @@ pub fn generate(tg: &TrainingGraph, plan: &Plan) -> Result<Program, GenerateErro
     gen.program.loss = gen.ensure(tg.loss, &ShardingSpec::replicated(g.ty(tg.loss).rank()))?;
     for &(p, gr) in &tg.grads {
         let param = gen.layouts[&p][0];
-        let grad = gen.ensure(gr, &storage[&p.0].clone())?;
+        let grad = gen.ensure(gr, &storage_of(p)?)?;
         gen.program.updates.push(Update { param, grad });
     }
     for &(b, new) in &tg.buffer_updates {

@@ -270,7 +270,7 @@ impl Program {
                         name_part(&c.name),
                         c.op.name(),
                         args.join(", "),
-                        op_attrs(&c.op),
+                        autopar_analyzer::text::op_attrs(&c.op),
                         outs.join(", ")
                     );
                 }
@@ -333,19 +333,5 @@ fn name_part(name: &str) -> String {
         String::new()
     } else {
         format!(" {name:?}")
-    }
-}
-
-fn op_attrs(op: &Op) -> String {
-    match serde_json::to_value(op) {
-        Ok(serde_json::Value::Object(mut m)) => {
-            m.remove("op");
-            if m.is_empty() {
-                String::new()
-            } else {
-                format!(" {}", serde_json::Value::Object(m))
-            }
-        }
-        _ => String::new(),
     }
 }

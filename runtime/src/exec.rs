@@ -114,6 +114,21 @@ fn torch_err(place: &str) -> impl FnOnce(tch::TchError) -> ExecError + '_ {
     }
 }
 
+/// Weight values (as the weights module reads them, f32) as a tensor of `shape`, `kind` on
+/// `device`.
+fn weight_tensor(
+    values: &[f32],
+    shape: &[usize],
+    kind: Kind,
+    device: Device,
+) -> Result<Tensor, tch::TchError> {
+    let shape: Vec<i64> = shape.iter().map(|&n| n as i64).collect();
+    Tensor::from_slice(values)
+        .f_reshape(&shape)?
+        .f_to_kind(kind)?
+        .f_to(device)
+}
+
 /// `t`'s block at `offsets` of `shape` (narrow per dim).
 fn block(t: &Tensor, offsets: &[usize], shape: &[usize]) -> Result<Tensor, tch::TchError> {
     let mut b = t.shallow_clone();
@@ -148,11 +163,7 @@ impl RankState {
                 (_, ValueDef::Param { data } | ValueDef::Buffer { data }) => {
                     let full = weights::load_weight(&d.name, &d.ty, data, base_dir, seed)?;
                     let mine = weights::shard(&full, &d.ty.shape, &slot.spec, &program.mesh, rank)?;
-                    let shape: Vec<i64> = slot.local.shape.iter().map(|&n| n as i64).collect();
-                    Tensor::from_slice(&mine)
-                        .f_reshape(&shape)
-                        .and_then(|t| t.f_to_kind(kind))
-                        .and_then(|t| t.f_to(device))
+                    weight_tensor(&mine, &slot.local.shape, kind, device)
                         .map_err(torch_err(&d.name))?
                 }
                 (_, ValueDef::Const(c)) => {
@@ -503,12 +514,7 @@ pub fn run_graph(
             }
             ValueDef::Param { data } | ValueDef::Buffer { data } => {
                 let full = weights::load_weight(&d.name, &d.ty, data, base_dir, seed)?;
-                let shape: Vec<i64> = d.ty.shape.iter().map(|&n| n as i64).collect();
-                Tensor::from_slice(&full)
-                    .f_reshape(&shape)
-                    .and_then(|t| t.f_to_kind(kind))
-                    .and_then(|t| t.f_to(device))
-                    .map_err(torch_err(&d.name))?
+                weight_tensor(&full, &d.ty.shape, kind, device).map_err(torch_err(&d.name))?
             }
             ValueDef::Const(c) => lower::to_tch(c, device).map_err(|source| ExecError::Lower {
                 place: format!("constant {v}"),

@@ -402,6 +402,27 @@ pub fn unshard(
     Ok(full)
 }
 
+/// The largest relative error between paired tensors (`max |a - b| / max |b|`, per tensor) and
+/// the name of the tensor where it is: how the runtime's results are compared with a
+/// reference run (`autopar run --verify`, the N-ranks-equal-one-device tests).
+pub fn max_rel_err(a: &[NamedTensor], b: &[NamedTensor]) -> (f64, String) {
+    let mut worst = (0.0, String::new());
+    for ((name, _, x), (_, _, y)) in a.iter().zip(b) {
+        let scale = y
+            .iter()
+            .fold(0.0f64, |m, &v| m.max(v.abs() as f64))
+            .max(1e-12);
+        let diff = x
+            .iter()
+            .zip(y)
+            .fold(0.0f64, |m, (&p, &q)| m.max((p as f64 - q as f64).abs()));
+        if diff / scale > worst.0 || worst.1.is_empty() {
+            worst = (diff / scale, name.clone());
+        }
+    }
+    worst
+}
+
 /// Writes `(name, shape, values)` tensors as an F32 safetensors file.
 pub fn save_safetensors(path: &Path, tensors: &[NamedTensor]) -> Result<(), WeightError> {
     let tensor_err = |tensor: &str, reason: String| WeightError::SafetensorsTensor {

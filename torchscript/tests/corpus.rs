@@ -149,31 +149,8 @@ type Named = Vec<(String, Tensor)>;
 
 /// The inputs and outputs stored in `<stem>.ref.json` / `.ref.bin`.
 fn reference(dir: &Path, json: &str) -> (Named, Named) {
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(json)).expect("ref json"))
-            .expect("ref json");
-    let parent = dir.join(json).parent().expect("parent").to_path_buf();
-    let bin = std::fs::read(parent.join(meta["bin"].as_str().expect("bin"))).expect("ref bin");
-    let (mut ins, mut outs) = (vec![], vec![]);
-    for t in meta["tensors"].as_array().expect("tensors") {
-        let dtype = DType::parse(t["dtype"].as_str().expect("dtype")).expect("known dtype");
-        let shape: Vec<usize> = t["shape"]
-            .as_array()
-            .expect("shape")
-            .iter()
-            .map(|d| d.as_u64().expect("dim") as usize)
-            .collect();
-        let off = t["offset"].as_u64().expect("offset") as usize;
-        let n = t["nbytes"].as_u64().expect("nbytes") as usize;
-        let tensor = Tensor::from_le_bytes(dtype, shape, &bin[off..off + n]).expect("tensor bytes");
-        let entry = (t["name"].as_str().expect("name").to_string(), tensor);
-        if t["kind"] == "input" {
-            ins.push(entry);
-        } else {
-            outs.push(entry);
-        }
-    }
-    (ins, outs)
+    let r = autopar_analyzer::reference::read_reference(&dir.join(json)).expect("reference");
+    (r.inputs, r.outputs)
 }
 
 /// Runs the imported archive on the reference inputs (fed in signature order) with its
