@@ -105,7 +105,12 @@ pub fn autoparallelize(
                 options.plan.optimizer,
                 options.plan.policy,
             );
-            crate::planner::plan(&loaded.name, &training, &profile, &options.plan)?
+            crate::checkpointing::plan_with_checkpointing(
+                &loaded.name,
+                &training,
+                &profile,
+                &options.plan,
+            )?
         }
     };
     let program =

@@ -292,43 +292,25 @@ pub fn svg(rows: &[Row]) -> String {
     let px = |x: f64| m + (lx(x) - x0) / (x1 - x0) * (w - 2.0 * m);
     let py = |y: f64| h - m - (y.log10() - y0) / (y1 - y0) * (h - 2.0 * m);
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">ILP build + solve time against training-graph size</text>"#,
-        w / 2.0
+    plot::begin(
+        &mut s,
+        w,
+        h,
+        "ILP build + solve time against training-graph size",
     );
     for e in 2..=4 {
-        let x = px(10f64.powi(e));
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x}" y1="{}" x2="{x}" y2="{}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle">{}</text>"##,
+        plot::vgrid(
+            &mut s,
+            px(10f64.powi(e)),
             m,
             h - m,
-            h - m + 16.0,
-            10u64.pow(e as u32)
+            &10u64.pow(e as u32).to_string(),
         );
     }
     for e in -4..=2 {
-        let y = py(10f64.powi(e));
-        let _ = writeln!(
-            s,
-            r##"<line x1="{m}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">1e{e} s</text>"##,
-            w - m,
-            m - 6.0,
-            y + 4.0
-        );
+        plot::hgrid(&mut s, py(10f64.powi(e)), m, w - m, &format!("1e{e} s"));
     }
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="middle">training-graph nodes</text>"#,
-        w / 2.0,
-        h - 18.0
-    );
+    plot::text(&mut s, w / 2.0, h - 18.0, "middle", "training-graph nodes");
     for (x, y, label, shared) in &pts {
         let color = if *shared { "#1f77b4" } else { "#d62728" };
         let _ = writeln!(
@@ -339,18 +321,92 @@ pub fn svg(rows: &[Row]) -> String {
             y
         );
     }
-    let _ = writeln!(
-        s,
-        r##"<circle cx="{}" cy="40" r="4" fill="#1f77b4"/><text x="{}" y="44">layers shared</text>"##,
-        w - 200.0,
-        w - 190.0
-    );
-    let _ = writeln!(
-        s,
-        r##"<circle cx="{}" cy="58" r="4" fill="#d62728"/><text x="{}" y="62">unshared</text>"##,
-        w - 200.0,
-        w - 190.0
-    );
-    s.push_str("</svg>\n");
+    plot::legend_dot(&mut s, w - 200.0, 40.0, "#1f77b4", "layers shared");
+    plot::legend_dot(&mut s, w - 200.0, 58.0, "#d62728", "unshared");
+    plot::end(&mut s);
     s
+}
+
+/// Small SVG drawing helpers shared by the benchmark plots (`bench solver`, `bench checkpoint`):
+/// plain text, no dependency. Coordinates are SVG pixels; text is escaped.
+pub mod plot {
+    use std::fmt::Write;
+
+    /// `text` with `&`, `<`, `>` and `"` escaped for SVG.
+    pub fn escape(text: &str) -> String {
+        text.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    }
+
+    /// Opens a `w` x `h` SVG document on a white background, `title` centred at the top.
+    pub fn begin(s: &mut String, w: f64, h: f64, title: &str) {
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+        );
+        let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
+            w / 2.0,
+            escape(title)
+        );
+    }
+
+    /// Closes the document [`begin`] opened.
+    pub fn end(s: &mut String) {
+        s.push_str("</svg>\n");
+    }
+
+    /// A vertical grid line at `x` from `top` to `bottom`, `label` under it.
+    pub fn vgrid(s: &mut String, x: f64, top: f64, bottom: f64, label: &str) {
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x}" y1="{top}" x2="{x}" y2="{bottom}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle">{}</text>"##,
+            bottom + 16.0,
+            escape(label)
+        );
+    }
+
+    /// A horizontal grid line at `y` from `left` to `right`, `label` left of it.
+    pub fn hgrid(s: &mut String, y: f64, left: f64, right: f64, label: &str) {
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" y1="{y}" x2="{right}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+            left - 6.0,
+            y + 4.0,
+            escape(label)
+        );
+    }
+
+    /// `label` at (`x`, `y`), anchored `start`, `middle` or `end`.
+    pub fn text(s: &mut String, x: f64, y: f64, anchor: &str, label: &str) {
+        let _ = writeln!(
+            s,
+            r#"<text x="{x}" y="{y}" text-anchor="{anchor}">{}</text>"#,
+            escape(label)
+        );
+    }
+
+    /// `label` at (`x`, `y`) turned a quarter left (a y-axis title).
+    pub fn vtext(s: &mut String, x: f64, y: f64, label: &str) {
+        let _ = writeln!(
+            s,
+            r#"<text x="{x}" y="{y}" text-anchor="middle" transform="rotate(-90 {x} {y})">{}</text>"#,
+            escape(label)
+        );
+    }
+
+    /// A legend entry: a dot at (`x`, `y`), `label` right of it.
+    pub fn legend_dot(s: &mut String, x: f64, y: f64, color: &str, label: &str) {
+        let _ = writeln!(
+            s,
+            r#"<circle cx="{x}" cy="{y}" r="4" fill="{color}"/><text x="{}" y="{}">{}</text>"#,
+            x + 10.0,
+            y + 4.0,
+            escape(label)
+        );
+    }
 }

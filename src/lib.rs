@@ -9,9 +9,12 @@
 
 pub mod auto;
 pub mod bench;
+pub mod bench_checkpoint;
 pub mod checkpointing;
 pub mod data;
+pub mod launch;
 pub mod planner;
+pub mod profile;
 
 pub use auto::{autoparallelize, AutoOptions, Parallelized, Trainer};
 pub use autopar_analyzer as analyzer;
@@ -41,6 +44,10 @@ pub enum Error {
     /// A training step or its setup failed (the rank and the node are named in the message).
     #[error("{0}")]
     Run(String),
+    /// No sharding plan fits the memory budget; `least_bytes` is the smallest per-device
+    /// memory any plan of the family needs (before activation checkpointing).
+    #[error("{message}")]
+    NoFit { message: String, least_bytes: f64 },
 }
 
 /// Where a model comes from.
@@ -104,8 +111,22 @@ pub struct LoadedModel {
     pub loss: Option<ValueId>,
 }
 
-/// Loads a built-in model (`gpt2-medium`) or a model file (`model.onnx`).
+/// Loads a built-in model (`gpt2-medium`) or a model file (`model.onnx`), its composed
+/// attention fused into `attention` nodes ([`analyzer::fuse`]).
 pub fn load_model(model: &str, opts: &LoadOptions) -> Result<LoadedModel, Error> {
+    let m = load_unfused(model, opts)?;
+    let (graph, map) = analyzer::fuse::fuse_attention(m.graph)?;
+    let loss = match m.loss {
+        Some(l) => Some(map[l.0 as usize].ok_or_else(|| {
+            Error::Usage(format!("{model}: its loss {l} is inside a fused attention"))
+        })?),
+        None => None,
+    };
+    Ok(LoadedModel { graph, loss, ..m })
+}
+
+/// [`load_model`] without the attention fusion.
+fn load_unfused(model: &str, opts: &LoadOptions) -> Result<LoadedModel, Error> {
     if models::is_builtin(model) {
         if !opts.inputs.is_empty() {
             return Err(Error::Usage(format!(
@@ -268,7 +289,7 @@ pub fn plan_model(
 ) -> Result<solver::plan::Plan, Error> {
     let tg = build_training(model, opts)?;
     let profile = analyzer::profile::profile(&tg, plan.optimizer, plan.policy);
-    planner::plan(&model.name, &tg, &profile, plan)
+    checkpointing::plan_with_checkpointing(&model.name, &tg, &profile, plan)
 }
 
 /// A byte count for people: `512 B`, `1.50 KiB`, `33.10 GiB`.

@@ -29,12 +29,89 @@ enum Command {
     /// Benchmarks that write reports.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Measure this machine's collectives, matmuls, memory bandwidth and launch overhead, and
+    /// write a cluster file for `plan --cluster`.
+    Profile(ProfileArgs),
+}
+
+#[derive(Args)]
+struct ProfileArgs {
+    /// Where to measure: cuda (one thread per GPU, NCCL), or cpu (threads with in-process
+    /// collectives, smaller sizes: tests the pipeline).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Devices to measure collectives over (default: every GPU; 2 threads on the CPU).
+    #[arg(long)]
+    gpus: Option<usize>,
+    /// Largest collective payload, e.g. 1GiB or 64KiB (default: 1GiB on GPUs, 16MiB on the CPU).
+    #[arg(long = "max-bytes")]
+    max_bytes: Option<String>,
+    /// The preset (h100, h200, a100) or cluster file for what is not measured: peaks (for
+    /// MFU), memory capacity, the inter-node network.
+    #[arg(long, default_value = "h100")]
+    base: String,
+    /// Write the cluster JSON here.
+    #[arg(short = 'o', long = "output")]
+    output: std::path::PathBuf,
+}
+
+fn profile(a: &ProfileArgs) -> Result<()> {
+    use autopar::runtime::measure::MeasureDevice;
+    let device = match a.device.as_str() {
+        "cpu" => MeasureDevice::Cpu,
+        "cuda" => MeasureDevice::Cuda,
+        d => anyhow::bail!("--device {d}: expected cpu or cuda"),
+    };
+    let max_bytes = match &a.max_bytes {
+        Some(s) => Some(autopar::parse_bytes(s).map_err(anyhow::Error::msg)? as usize),
+        None => None,
+    };
+    let opts = autopar::profile::ProfileOptions {
+        device,
+        gpus: a.gpus,
+        max_bytes,
+        base: a.base.clone(),
+    };
+    let p = autopar::profile::profile(&opts)?;
+    std::fs::write(&a.output, p.cluster.to_json() + "\n")
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    println!("{}", p.table());
+    println!("wrote {}", a.output.display());
+    Ok(())
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Planning speed and plan quality on the built-in models (Markdown report + SVG plot).
     Solver(BenchSolverArgs),
+    /// Activation checkpointing on one model: rotor, chen and none under budgets from 10 % to
+    /// 100 % of the activation memory (Markdown report + SVG plot).
+    Checkpoint(Box<BenchCheckpointArgs>),
+}
+
+#[derive(Args)]
+struct BenchCheckpointArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Logical device mesh of the sharding plan: 1, 8, 2x4.
+    #[arg(long, default_value = "1")]
+    mesh: String,
+    /// Cluster preset (h100, h200, a100) or a cluster JSON file.
+    #[arg(long, default_value = "h100")]
+    cluster: String,
+    /// Per-device memory budget of the sharding plan, e.g. 40GiB (default: the GPU's memory).
+    #[arg(long)]
+    memory: Option<String>,
+    #[arg(long, value_enum, default_value = "fp32")]
+    dtype: DTypeArg,
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: OptimizerArg,
+    /// Memory slots of rotor's dynamic program.
+    #[arg(long, default_value_t = autopar::solver::checkpoint::DEFAULT_SLOTS)]
+    slots: usize,
+    /// Write the Markdown report here (and the plot next to it, as .svg); default: stdout.
+    #[arg(short = 'o', long = "output")]
+    output: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -102,7 +179,8 @@ struct PlanArgs {
     #[arg(long = "dump-rank", value_name = "R")]
     dump_rank: Option<usize>,
     /// Activation checkpointing: rotor (optimal under the budget), chen (sqrt(n) segments),
-    /// none, or auto (rotor when keeping every activation does not fit the budget).
+    /// none, or auto (rotor when no plan fits the budget with every activation kept; the
+    /// sharding is then solved again with the memory checkpointing frees).
     #[arg(long, default_value = "auto")]
     checkpoint: String,
 }
@@ -339,6 +417,15 @@ fn plan_options(a: &PlanArgs) -> Result<autopar::planner::PlanOptions> {
     po.policy = policy_of(a.dtype);
     po.optimizer = optimizer_of(a.optimizer);
     po.dump_problem = a.dump_problem.clone();
+    po.checkpoint = match a.checkpoint.as_str() {
+        "auto" => None,
+        s => Some(
+            s.parse::<autopar::solver::checkpoint::Strategy>()
+                .map_err(|e| {
+                    anyhow::anyhow!("--checkpoint {s}: {e} (expected auto, rotor, chen or none)")
+                })?,
+        ),
+    };
     Ok(po)
 }
 
@@ -349,29 +436,7 @@ fn plan(a: &PlanArgs) -> Result<()> {
     let model = progress.phase("loading model", || {
         autopar::load_model(&a.model.model, &opts)
     })?;
-    let mut plan = progress.phase("planning", || autopar::plan_model(&model, &opts, &po))?;
-    let strategy = match a.checkpoint.as_str() {
-        "auto" => None,
-        s => Some(
-            s.parse::<autopar::solver::checkpoint::Strategy>()
-                .map_err(|e| {
-                    anyhow::anyhow!("--checkpoint {s}: {e} (expected auto, rotor, chen or none)")
-                })?,
-        ),
-    };
-    if a.dump_rank.is_none() {
-        let tg = autopar::build_training(&model, &opts)?;
-        let profile = autopar::analyzer::profile::profile(&tg, po.optimizer, po.policy);
-        let r = progress.phase("checkpointing", || {
-            autopar::checkpointing::checkpoint_plan(&tg, &profile, &mut plan, po.policy, strategy)
-        });
-        match r {
-            Ok(()) => {}
-            // with auto, a schedule that cannot be found leaves the sharding plan as it is
-            Err(e) if strategy.is_none() => eprintln!("note: {e}"),
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let plan = progress.phase("planning", || autopar::plan_model(&model, &opts, &po))?;
     if let Some(rank) = a.dump_rank {
         anyhow::ensure!(
             rank < plan.mesh.num_devices(),
@@ -577,6 +642,17 @@ fn batch_units(g: &autopar::analyzer::Graph) -> (usize, &'static str) {
 }
 
 fn run(a: &RunArgs) -> Result<()> {
+    // under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, ...) this process is one rank: src/launch.rs
+    match autopar::launch::World::from_env()? {
+        Some(world) => world.run(|w| {
+            anyhow::ensure!(!a.verify, "{}", autopar::launch::NO_VERIFY);
+            run_on(a, Some(w))
+        }),
+        None => run_on(a, None),
+    }
+}
+
+fn run_on(a: &RunArgs, world: Option<&autopar::launch::World>) -> Result<()> {
     use autopar::runtime::exec::OptimizerConfig;
     anyhow::ensure!(
         a.device == "cpu" || a.device == "cuda",
@@ -588,11 +664,6 @@ fn run(a: &RunArgs) -> Result<()> {
         "--device cuda: this autopar was built without the CUDA runtime (cargo build --features cuda)"
     );
     anyhow::ensure!(a.steps >= 1, "--steps must be at least 1");
-    anyhow::ensure!(
-        matches!(a.plan.checkpoint.as_str(), "auto" | "none"),
-        "--checkpoint {}: the runtime does not execute recompute schedules yet (autopar plan reports them)",
-        a.plan.checkpoint
-    );
     let opts = load_options(&a.plan.model)?;
     let po = plan_options(&a.plan)?;
     let optimizer = match a.plan.optimizer {
@@ -630,14 +701,28 @@ fn run(a: &RunArgs) -> Result<()> {
     auto.optimizer = optimizer;
     auto.seed = a.seed;
     let mut progress = Progress::new();
-    let par = progress.phase("planning and generating", || {
-        autopar::autoparallelize(&a.plan.model.model, &opts, &auto)
+    progress.on &= world.is_none_or(|w| w.rank() == 0);
+    let par = progress.phase("planning and generating", || match world {
+        Some(w) => w.autoparallelize(&a.plan.model.model, &opts, &auto),
+        None => autopar::autoparallelize(&a.plan.model.model, &opts, &auto),
     })?;
     let graph = match &a.resume {
         Some(path) => par.with_checkpoint(path)?,
         None => par.training.graph.clone(),
     };
     let batch = par.synthetic_batch(a.seed);
+    if let Some(w) = world {
+        let settings = autopar::launch::RunSettings {
+            device: &a.device,
+            steps: a.steps,
+            seed: a.seed,
+            optimizer,
+            save: a.save.as_deref(),
+            units: batch_units(&par.training.graph),
+            predicted_step_s: predicted_step_s(&par.plan),
+        };
+        return Ok(autopar::launch::train(w, &par, &graph, &batch, &settings)?);
+    }
     #[cfg(feature = "cuda")]
     if a.device == "cuda" {
         return run_cuda(a, &par, &graph, &batch, optimizer, &opts, &auto);
@@ -651,7 +736,7 @@ fn run(a: &RunArgs) -> Result<()> {
         par.program.world_size(),
         par.plan.mesh.name(),
         par.plan.family,
-        par.plan.predicted.step_s * 1e3,
+        predicted_step_s(&par.plan) * 1e3,
         par.plan.cluster.name
     );
     let mut failed = None;
@@ -661,6 +746,9 @@ fn run(a: &RunArgs) -> Result<()> {
             let mut one_opts = auto.clone();
             one_opts.plan.mesh_shape = vec![1];
             one_opts.use_plan = None;
+            // the reference is the plain step: no recompute, no sharding
+            one_opts.plan.checkpoint = Some(autopar::solver::checkpoint::Strategy::None);
+            one_opts.plan.memory_budget = None;
             let one = autopar::autoparallelize(&a.plan.model.model, &opts, &one_opts)?;
             let one_trainer = one.trainer_with(&graph)?;
             let r1 = one_trainer.step_with_grads(&batch)?;
@@ -689,7 +777,7 @@ fn run(a: &RunArgs) -> Result<()> {
             tokens.1,
             report.seconds * 1e3,
             report.comm_seconds * 1e3,
-            par.plan.predicted.step_s * 1e3,
+            predicted_step_s(&par.plan) * 1e3,
             par.plan.cluster.name
         );
     }
@@ -725,7 +813,7 @@ fn run_cuda(
         par.program.world_size(),
         par.plan.mesh.name(),
         par.plan.family,
-        par.plan.predicted.step_s * 1e3,
+        predicted_step_s(&par.plan) * 1e3,
         par.plan.cluster.name
     );
     let steps = autopar::runtime::cuda::train_cuda(
@@ -746,7 +834,7 @@ fn run_cuda(
             tokens.0 as f64 / s.seconds,
             tokens.1,
             s.seconds * 1e3,
-            par.plan.predicted.step_s * 1e3,
+            predicted_step_s(&par.plan) * 1e3,
             par.plan.cluster.name,
             human_bytes(s.device_bytes),
             human_bytes(par.plan.predicted.peak_memory_bytes)
@@ -806,6 +894,63 @@ fn bench_solver(a: &BenchSolverArgs) -> Result<()> {
             eprintln!("wrote {} and {}", path.display(), svg_path.display());
         }
         None => print!("{md}"),
+    }
+    Ok(())
+}
+
+fn bench_checkpoint(a: &BenchCheckpointArgs) -> Result<()> {
+    use autopar::solver::cluster::Cluster;
+    use autopar::solver::mesh::Mesh;
+    let opts = load_options(&a.model)?;
+    let mut po =
+        autopar::planner::PlanOptions::new(Mesh::parse_shape(&a.mesh)?, Cluster::load(&a.cluster)?);
+    po.memory_budget = a
+        .memory
+        .as_deref()
+        .map(autopar::parse_bytes)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    po.policy = policy_of(a.dtype);
+    po.optimizer = optimizer_of(a.optimizer);
+    let mut progress = Progress::new();
+    let report = progress.phase("planning and sweeping the budgets", || {
+        autopar::bench_checkpoint::run(&a.model.model, &opts, &po, a.slots)
+    })?;
+    let mut args = std::env::args();
+    let program = args
+        .next()
+        .and_then(|p| {
+            std::path::Path::new(&p)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "autopar".into());
+    let command = std::iter::once(program)
+        .chain(args)
+        .collect::<Vec<_>>()
+        .join(" ");
+    match &a.output {
+        Some(path) => {
+            let svg_path = path.with_extension("svg");
+            anyhow::ensure!(
+                svg_path != *path,
+                "-o {}: the report is Markdown and its plot is written next to it as .svg; name the report .md",
+                path.display()
+            );
+            let name = svg_path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let md = autopar::bench_checkpoint::markdown(&report, &command, Some(&name));
+            std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&svg_path, autopar::bench_checkpoint::svg(&report))
+                .with_context(|| format!("writing {}", svg_path.display()))?;
+            eprintln!("wrote {} and {}", path.display(), svg_path.display());
+        }
+        None => print!(
+            "{}",
+            autopar::bench_checkpoint::markdown(&report, &command, None)
+        ),
     }
     Ok(())
 }
@@ -906,9 +1051,18 @@ fn main() {
         Command::Plan(a) => plan(a),
         Command::Run(a) => run(a),
         Command::Bench(BenchCommand::Solver(a)) => bench_solver(a),
+        Command::Bench(BenchCommand::Checkpoint(a)) => bench_checkpoint(a),
+        Command::Profile(a) => profile(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// The plan's predicted step time, recompute included when it checkpoints.
+fn predicted_step_s(plan: &autopar::solver::plan::Plan) -> f64 {
+    plan.checkpoint
+        .as_ref()
+        .map_or(plan.predicted.step_s, |c| c.step_s)
 }

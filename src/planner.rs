@@ -34,7 +34,7 @@ use autopar_analyzer::graph::{Graph, NodeId, ValueDef, ValueId};
 use autopar_analyzer::ops::Cost;
 use autopar_analyzer::profile::Profile;
 use autopar_analyzer::train::{param_bytes_per_element, DTypePolicy, Optimizer, TrainingGraph};
-use autopar_generator::bridge::{compute_seconds, op_axes};
+use autopar_generator::bridge::{compute_seconds, op_axes, sharded_seconds};
 use autopar_solver::cluster::Cluster;
 use autopar_solver::ilp::{self, Backend, SolveOptions};
 use autopar_solver::mesh::Mesh;
@@ -121,6 +121,10 @@ pub struct PlanOptions {
     /// Write the solver's input (the `Problem`, with a label per strategy) and its solution to
     /// this file as JSON: for debugging the solver apart from the graph.
     pub dump_problem: Option<std::path::PathBuf>,
+    /// Activation checkpointing (see [`crate::checkpointing::plan_with_checkpointing`]):
+    /// `None` checkpoints only when no plan fits the memory otherwise (with rotor),
+    /// `Some(Strategy::None)` never, `Some(rotor | chen)` always.
+    pub checkpoint: Option<autopar_solver::checkpoint::Strategy>,
 }
 
 impl PlanOptions {
@@ -138,6 +142,7 @@ impl PlanOptions {
             optimizer: Optimizer::AdamW,
             memory_rows: 4,
             dump_problem: None,
+            checkpoint: None,
         }
     }
 }
@@ -630,13 +635,16 @@ pub fn plan(
                 Some(opts.time_limit_s.unwrap_or(60.0)),
             )
             .map_err(Error::Usage)?;
-            return Err(Error::Usage(format!(
-                "no {} plan of {model} on mesh {} fits {} per device: the smallest per-device memory any such plan needs is {}",
-                opts.family.name(),
-                mesh.name(),
-                crate::format_bytes(problem.problem.memory_budget.unwrap_or(0.0)),
-                crate::format_bytes(min)
-            )));
+            return Err(Error::NoFit {
+                message: format!(
+                    "no {} plan of {model} on mesh {} fits {} per device: the smallest per-device memory any such plan needs is {}",
+                    opts.family.name(),
+                    mesh.name(),
+                    crate::format_bytes(problem.problem.memory_budget.unwrap_or(0.0)),
+                    crate::format_bytes(min)
+                ),
+                least_bytes: min,
+            });
         }
         Err(e) => return Err(Error::Usage(e.to_string())),
     };
@@ -727,10 +735,12 @@ fn build_problem(b: &Builder) -> Result<Built, Error> {
                     .filter(|&f| f != *root && b.root_of[f.0 as usize] == *root)
                     .collect();
                 for (s, st) in strategies.iter().enumerate() {
-                    let mut t = base / st.work_divisor as f64;
+                    let mut t =
+                        sharded_seconds(base, st.work_divisor, b.node_launches(*root), b.cluster);
                     for &f in &followers {
                         let out = g.node(f).outputs[0];
-                        t += node_time(f) / b.spec_of(out, s).shard_count(mesh).max(1) as f64;
+                        let parts = b.spec_of(out, s).shard_count(mesh);
+                        t += sharded_seconds(node_time(f), parts, b.node_launches(f), b.cluster);
                     }
                     compute[k][s] = t;
                     let mut c = 0.0;
@@ -1200,6 +1210,12 @@ fn memory_rows(b: &Builder) -> (Vec<MemoryRow>, Option<f64>) {
 }
 
 impl Builder<'_> {
+    /// Kernels forward node `n` launches: its forward, and its backward where it has one (each
+    /// pays the cluster's per-op overhead, see `bridge::sharded_seconds`).
+    fn node_launches(&self, n: NodeId) -> usize {
+        1 + usize::from(self.profile.nodes[n.0 as usize].backward.is_some())
+    }
+
     /// Forward plus backward compute seconds of forward node `n` on one device, unsharded.
     fn node_seconds(&self, n: NodeId) -> f64 {
         let row = &self.profile.nodes[n.0 as usize];
@@ -1270,7 +1286,7 @@ fn read_plan(b: &Builder, built: &Built, sol: &Solution, model: &str) -> Result<
                 outputs: st.outputs.clone(),
                 notation: st.notation(),
                 assignment: st.assignment.clone(),
-                compute_s: t / st.work_divisor as f64,
+                compute_s: sharded_seconds(t, st.work_divisor, b.node_launches(n), b.cluster),
                 follows: None,
             });
             for (o, (raw, out)) in st.raw_outputs.iter().zip(&st.outputs).enumerate() {
@@ -1337,7 +1353,12 @@ fn read_plan(b: &Builder, built: &Built, sol: &Solution, model: &str) -> Result<
                 outputs: node.outputs.iter().map(|_| spec.clone()).collect(),
                 notation: format!("{spec} = {spec}"),
                 assignment: vec![],
-                compute_s: t / spec.shard_count(mesh).max(1) as f64,
+                compute_s: sharded_seconds(
+                    t,
+                    spec.shard_count(mesh),
+                    b.node_launches(n),
+                    b.cluster,
+                ),
                 follows: Some(r.0),
             });
         }

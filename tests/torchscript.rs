@@ -1,7 +1,8 @@
 //! TorchScript archives load wherever model files do (`load_model`), and the TorchScript and
 //! ONNX exports of the same corpus model (eval mode both, the same parameters) give the same
-//! parameter count, the same FLOPs within 1 % and plans of the same predicted cost up to the
-//! ONNX exporters' decompositions (see `compare`).
+//! parameter count, the same FLOPs within 1 % and plans whose predicted steps agree within 1 %
+//! (the ONNX importer rewrites the exporters' decompositions into the TorchScript form; see
+//! `compare`).
 
 use autopar::analyzer::train::{DTypePolicy, Optimizer};
 use autopar::planner::PlanOptions;
@@ -10,10 +11,7 @@ use autopar::{inspect, load_model, plan_model, LoadOptions, LossChoice, ModelSou
 use std::path::{Path, PathBuf};
 
 fn corpus() -> Option<PathBuf> {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    here.ancestors()
-        .flat_map(|a| [a.join("shared/corpus"), a.join("../shared/corpus")])
-        .find(|p| p.join("manifest.json").is_file())
+    autopar::analyzer::reference::find_corpus(Path::new(env!("CARGO_MANIFEST_DIR")))
 }
 
 struct Side {
@@ -58,20 +56,21 @@ fn compare(jit: &str, onnx: &str, loss: (LossChoice, LossChoice), mesh: &[usize]
         a.params, b.params, a.flops, b.flops, a.step_s, b.step_s
     );
     assert_eq!(a.params, b.params, "{jit} vs {onnx}: parameters");
-    let rel = |x: f64, y: f64| (x - y).abs() / y.abs().max(f64::MIN_POSITIVE);
+    let rel = |x: f64, y: f64| (x - y).abs() / x.abs().max(y.abs()).max(f64::MIN_POSITIVE);
     assert!(
         rel(a.flops, b.flops) <= 0.01,
         "{jit} vs {onnx}: FLOPs {:.6e} vs {:.6e}",
         a.flops,
         b.flops
     );
-    // The plans agree up to the exporters' decompositions: the ONNX exports spell out GELU as
-    // its erf formula, attention with a materialised K^T transpose and NaN guards, RMSNorm as
-    // sqrt and divide; those extra memory-bound kernels are what separates the predicted steps
-    // (2 to 5 % here: about 3 % on gpt2_small, more on the latency-bound tiny models). The TorchScript
-    // graph, with one op each, must never plan worse than its ONNX export.
+    // The ONNX exporters spell out GELU, SiLU and rsqrt, write attention with a materialised
+    // K^T, split scale factors and an additive mask (analyzer/src/onnx/patterns.rs rewrites all
+    // of those into the TorchScript form). What is left: a NaN guard after softmax where a -inf
+    // mask comes from run-time data (llama_tiny.ts.onnx: the guard is not a no-op there, so it
+    // stays; 0.7 %), and a second reshape the TorchScript graph keeps before c_proj (gpt2: the
+    // ONNX plan 0.2-0.4 % faster). So neither side is always the cheaper: 1 % both ways.
     assert!(
-        a.step_s <= b.step_s * (1.0 + 1e-6) && rel(a.step_s, b.step_s) <= 0.05,
+        rel(a.step_s, b.step_s) <= 0.01,
         "{jit} vs {onnx}: predicted step {:.6e} s vs {:.6e} s",
         a.step_s,
         b.step_s

@@ -6,6 +6,7 @@ pub mod dtype;
 pub mod entity;
 pub mod error;
 pub mod eval;
+pub mod fuse;
 pub mod graph;
 pub mod onnx;
 pub mod ops;

@@ -309,6 +309,71 @@ fn shape_arithmetic_folds_into_one_reshape() {
 }
 
 #[test]
+fn exporter_decompositions_import_as_torchscript_ops() {
+    // GELU as the TorchScript-based exporter writes it (opset 17 has no Gelu), then a tied
+    // weight's Transpose into MatMul: one gelu, and the transpose in the einsum's subscripts
+    let g = graph(
+        vec![
+            node("Div", "/1/Div", &["x", "sqrt2"], &["d"], vec![]),
+            node("Erf", "/1/Erf", &["d"], &["e"], vec![]),
+            node("Add", "/1/Add", &["e", "one"], &["a"], vec![]),
+            node("Mul", "/1/Mul", &["x", "a"], &["m"], vec![]),
+            node("Mul", "/1/Mul_1", &["m", "half"], &["h"], vec![]),
+            node(
+                "Transpose",
+                "/2/T",
+                &["w"],
+                &["wt"],
+                vec![attr_ints("perm", &[1, 0])],
+            ),
+            node("MatMul", "/2/MatMul", &["h", "wt"], &["y"], vec![]),
+        ],
+        vec![
+            f32_tensor("sqrt2", &[], &[std::f32::consts::SQRT_2]),
+            f32_tensor("one", &[], &[1.0]),
+            f32_tensor("half", &[], &[0.5]),
+            f32_tensor("w", &[5, 4], &ramp(20)),
+        ],
+        vec![f32_vi("x", &[3, 4])],
+        vec![f32_vi("y", &[3, 5])],
+    );
+    let m = import_ok(&model_bytes(17, g));
+    expect![[r#"
+        graph {
+          param v0 "w": f32[5,4] inline
+          input v1 "x": f32[3,4]
+          n0 "/1/Mul_1" = unary(v1) {"kind":"gelu"} -> v2 "h": f32[3,4]
+          n1 "/2/MatMul" = einsum(v2, v0) {"equation":"mk,nk->mn"} -> v3 "y": f32[3,5]
+          output v3
+        }
+    "#]]
+    .assert_eq(&text::print(&m.graph));
+    let x = tensor_f32(&[3, 4], &ramp(12));
+    let y = run(&m, &[("x", x.clone())]);
+    let gelu = |v: f64| {
+        // erf by its series (|v| <= 2 here)
+        let z = v / std::f64::consts::SQRT_2;
+        let mut erf = 0.0;
+        let mut term = z;
+        for n in 0..40 {
+            erf += term / (2 * n + 1) as f64;
+            term *= -z * z / (n + 1) as f64;
+        }
+        0.5 * v * (1.0 + 2.0 / std::f64::consts::PI.sqrt() * erf)
+    };
+    let w = tensor_f32(&[5, 4], &ramp(20));
+    for i in 0..3 {
+        for j in 0..5 {
+            let want: f64 = (0..4)
+                .map(|k| gelu(x.data[i * 4 + k]) * w.data[j * 4 + k])
+                .sum();
+            let got = y[0].data[i * 5 + j];
+            assert!((got - want).abs() < 1e-5, "y[{i},{j}] = {got}, want {want}");
+        }
+    }
+}
+
+#[test]
 fn ts_style_constant_chain_folds() {
     // TorchScript exports build shapes from Constant / Unsqueeze / Size / Div / Concat /
     // ConstantOfShape / Range / Equal / Where; all of it must fold, leaving the data path.

@@ -51,10 +51,37 @@ pub enum GenerateError {
         to: String,
         reason: String,
     },
+    /// The checkpoint schedule does not fit the program's stages.
+    #[error("activation checkpointing: {0}")]
+    Recompute(String),
 }
 
-/// Builds the SPMD program of `tg` under `plan` (see the module doc).
+/// Builds the SPMD program of `tg` under `plan` (see the module doc), with the recompute
+/// blocks of the plan's checkpoint schedule if it has one.
 pub fn generate(tg: &TrainingGraph, plan: &Plan) -> Result<Program, GenerateError> {
+    let program = generate_plain(tg, plan)?;
+    let Some(ck) = &plan.checkpoint else {
+        return Ok(program);
+    };
+    let stages = crate::recompute::stages(&program, tg)?;
+    if stages.names != ck.stages {
+        return Err(GenerateError::PlanMismatch(format!(
+            "the checkpoint schedule is over {} stages ({}...), the program cuts into {} ({}...)",
+            ck.stages.len(),
+            ck.stages.first().map_or("", |s| s.as_str()),
+            stages.len(),
+            stages.names.first().map_or("", |s| s.as_str())
+        )));
+    }
+    if ck.schedule.forward_count() == stages.len() {
+        // nothing is recomputed: the plain program is the schedule
+        return Ok(program);
+    }
+    crate::recompute::apply_schedule(&program, &stages, &ck.schedule)
+}
+
+/// The program of `tg` under `plan`'s layouts, every activation kept for the backward.
+pub fn generate_plain(tg: &TrainingGraph, plan: &Plan) -> Result<Program, GenerateError> {
     let g = &tg.graph;
     check_plan(tg, plan)?;
     let policy = match plan.dtype_policy.as_str() {
@@ -75,6 +102,7 @@ pub fn generate(tg: &TrainingGraph, plan: &Plan) -> Result<Program, GenerateErro
             updates: vec![],
             buffer_updates: vec![],
             mixed_bf16: policy == DTypePolicy::Bf16Mixed,
+            recompute: vec![],
         },
         layouts: HashMap::new(),
         strategies: HashMap::new(),

@@ -116,6 +116,16 @@ pub struct Program {
     /// bf16 mixed precision (the plan's `bf16_mixed`): float values are computed in bf16 from
     /// fp32 master weights, which the optimizer updates in fp32.
     pub mixed_bf16: bool,
+    /// Ranges of `instrs` that re-run a stage's forward for activation checkpointing (see
+    /// [`crate::recompute`]); empty without a checkpoint schedule.
+    pub recompute: Vec<RecomputeBlock>,
+}
+
+/// Instructions that re-run stage `stage`'s forward (a copy with fresh slots).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecomputeBlock {
+    pub stage: usize,
+    pub instrs: std::ops::Range<usize>,
 }
 
 /// A collective as one rank issues it: the verifier compares these across ranks.
@@ -242,7 +252,10 @@ impl Program {
                 slot.global
             );
         }
-        for instr in &self.instrs {
+        for (k, instr) in self.instrs.iter().enumerate() {
+            for b in self.recompute.iter().filter(|b| b.instrs.start == k) {
+                let _ = writeln!(s, "  recompute stage {} {{", b.stage);
+            }
             match instr {
                 Instr::Compute(c) => {
                     let args: Vec<String> = c.inputs.iter().map(|v| v.to_string()).collect();
@@ -287,6 +300,9 @@ impl Program {
                         m.output, out.local, out.spec, m.op, m.input
                     );
                 }
+            }
+            for _ in self.recompute.iter().filter(|b| b.instrs.end == k + 1) {
+                s.push_str("  }\n");
             }
         }
         let _ = writeln!(s, "  loss {}", self.loss);

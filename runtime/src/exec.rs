@@ -91,6 +91,9 @@ pub struct StepOutput {
     /// With `keep_grads`: each parameter's synchronised gradient block (storage layout), in
     /// the order of [`Program::updates`].
     pub grads: Vec<Tensor>,
+    /// The most bytes this rank's computed values (every slot but the leaves) held at once
+    /// during the step, counted per slot (a view counts as its own bytes).
+    pub peak_bytes: u64,
 }
 
 /// One rank's persistent state (see the module doc).
@@ -103,8 +106,18 @@ pub struct RankState {
     /// Per update: first and second moments (AdamW) or the momentum buffer (SGD).
     moments: Vec<Option<(Tensor, Tensor)>>,
     steps_done: u64,
-    /// Per slot: the last instruction that reads it (`usize::MAX`: kept to the end).
+    /// Per slot: the last instruction that reads it (`usize::MAX`: kept to the end,
+    /// [`NEVER_READ`]: dropped as soon as it is made).
     last_use: Vec<usize>,
+}
+
+/// [`RankState::last_use`] of a slot no instruction reads (an output only a recomputed
+/// forward's discarded copy makes, or a statistic nobody needs).
+const NEVER_READ: usize = usize::MAX - 1;
+
+/// Bytes of a tensor's elements.
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 
 fn torch_err(place: &str) -> impl FnOnce(tch::TchError) -> ExecError + '_ {
@@ -183,7 +196,7 @@ impl RankState {
             };
             leaves.insert(leaf.slot, t);
         }
-        let mut last_use = vec![0usize; program.slots.len()];
+        let mut last_use = vec![NEVER_READ; program.slots.len()];
         for (i, instr) in program.instrs.iter().enumerate() {
             let reads: Vec<SlotId> = match instr {
                 Instr::Compute(c) => c.inputs.clone(),
@@ -282,6 +295,7 @@ impl RankState {
             slots[leaf.slot.0 as usize] = Some(t);
         }
         let mut comm_seconds = 0.0;
+        let (mut held, mut peak_bytes) = (0u64, 0u64);
         for (i, instr) in p.instrs.iter().enumerate() {
             match instr {
                 Instr::Compute(c) => {
@@ -332,7 +346,9 @@ impl RankState {
                     let outs = lower::lower(&c.op, &ins, &mut ctx)
                         .map_err(|source| ExecError::Lower { place, source })?;
                     for (&s, t) in c.outputs.iter().zip(outs) {
-                        slots[s.0 as usize] = Some(compute(t).map_err(torch_err(&c.name))?);
+                        let t = compute(t).map_err(torch_err(&c.name))?;
+                        held += tensor_bytes(&t);
+                        slots[s.0 as usize] = Some(t);
                     }
                 }
                 Instr::Move(m) => {
@@ -363,7 +379,20 @@ impl RankState {
                             }
                         })?;
                     comm_seconds += t0.elapsed().as_secs_f64();
+                    held += tensor_bytes(&out);
                     slots[m.output.0 as usize] = Some(out);
+                }
+            }
+            peak_bytes = peak_bytes.max(held);
+            let written: &[SlotId] = match instr {
+                Instr::Compute(c) => &c.outputs,
+                Instr::Move(m) => std::slice::from_ref(&m.output),
+            };
+            for s in written {
+                if self.last_use[s.0 as usize] == NEVER_READ {
+                    if let Some(t) = slots[s.0 as usize].take() {
+                        held = held.saturating_sub(tensor_bytes(&t));
+                    }
                 }
             }
             let reads: &[SlotId] = match instr {
@@ -372,7 +401,11 @@ impl RankState {
             };
             for s in reads {
                 if self.last_use[s.0 as usize] == i {
-                    slots[s.0 as usize] = None;
+                    if let Some(t) = slots[s.0 as usize].take() {
+                        if !self.leaves.contains_key(s) {
+                            held = held.saturating_sub(tensor_bytes(&t));
+                        }
+                    }
                 }
             }
         }
@@ -417,6 +450,7 @@ impl RankState {
             loss,
             comm_seconds,
             grads,
+            peak_bytes,
         })
     }
 }

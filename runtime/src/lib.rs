@@ -10,7 +10,10 @@ pub mod collective;
 pub mod comm;
 pub mod exec;
 pub mod lower;
+pub mod measure;
+pub mod rendezvous;
 pub mod session;
+pub mod tcp_comm;
 pub mod weights;
 pub use tch;
 #[cfg(feature = "cuda")]

@@ -35,8 +35,9 @@ use autopar_analyzer::ops::reduce::ReduceKind;
 use autopar_analyzer::ops::scatter_elements::ScatterReduction;
 use autopar_analyzer::ops::unary::UnaryKind;
 use autopar_analyzer::ops::{
-    BatchNorm, Conv, ConvGrad, Dropout, GatherNd, LayerNorm, LayerNormGrad, OpSpec, Pool, Reduce,
-    RmsNorm, RmsNormGrad, Slice, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad,
+    Attention, AttentionGrad, BatchNorm, Conv, ConvGrad, Dropout, GatherNd, LayerNorm,
+    LayerNormGrad, OpSpec, Pool, Reduce, RmsNorm, RmsNormGrad, Slice, SoftmaxCrossEntropy,
+    SoftmaxCrossEntropyGrad,
 };
 use autopar_analyzer::{DType, Op, OpError, TensorType};
 use tch::{Device, Kind, TchError, Tensor};
@@ -516,6 +517,11 @@ fn lower_inner(op: &Op, inputs: &[&Tensor], ctx: &mut LowerCtx<'_>) -> R<Vec<Ten
         }
         Op::SoftmaxCrossEntropy(o) => cross_entropy(o, inputs, ctx),
         Op::SoftmaxCrossEntropyGrad(o) => cross_entropy_grad(o, inputs, ctx),
+        Op::Attention(o) => {
+            let [q, k, v] = args(inputs)?;
+            attention(o, q, k, v, ctx)
+        }
+        Op::AttentionGrad(o) => attention_grad(o, inputs, ctx),
         Op::CausalMask(o) => {
             if !inputs.is_empty() {
                 bail!("takes no inputs, got {}", inputs.len());
@@ -1592,4 +1598,486 @@ fn cross_entropy_grad(
         .f_mul(&coef)?
         .f_masked_fill(&valid.f_unsqueeze(1)?.f_logical_not()?, 0.0)?;
     Ok(vec![g])
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention
+//
+// The kernels take `[N, H, L, D]`: each operand is permuted to `[batch.., seq, dim]` (a view)
+// and its batch-like dims grouped into two. On the CPU the flash kernel
+// (`_scaled_dot_product_flash_attention_for_cpu` and its backward) runs every float kind; on
+// CUDA the memory-efficient kernel (`_scaled_dot_product_efficient_attention`,
+// `_efficient_attention_backward`) runs f32, f16 and bf16; anything else (f64 on CUDA, v with
+// another head dim than q and k, a gradient into the log-sum-exp) takes a composed path with
+// the same results and an `Lq x Lk` temporary.
+//
+// Causal masking is bottom-right aligned, and a query block split off the sequence (sequence
+// parallelism) starts at a global row: with `shift` the number of keys every local row sees
+// beyond its own index, keys `[0, shift)` are visible to every row, keys
+// `[shift, shift + lq)` form a square causal block, and the rest are hidden. The kernels run
+// on those two pieces (no mask tensor); the forward merges them by their log-sum-exps, and the
+// backward of each piece from the merged output and log-sum-exp is the piece's exact share of
+// the gradients (as ring attention does).
+
+/// Which implementation runs the attention of these tensors.
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+enum AttnKernel {
+    CpuFlash,
+    CudaEfficient,
+    Composed,
+}
+
+/// The kernel for `[N, H, L, D]` operands: the flash kernel wants one head dim for q, k and v.
+fn attn_kernel(q4: &Tensor, v4: &Tensor) -> AttnKernel {
+    if q4.size().last() != v4.size().last() {
+        return AttnKernel::Composed;
+    }
+    match (q4.device(), q4.kind()) {
+        (Device::Cpu, Kind::Float | Kind::Double | Kind::BFloat16 | Kind::Half) => {
+            AttnKernel::CpuFlash
+        }
+        (Device::Cuda(_), Kind::Float | Kind::BFloat16 | Kind::Half) => AttnKernel::CudaEfficient,
+        _ => AttnKernel::Composed,
+    }
+}
+
+/// An operand of the attention ops seen as `[N, H, L, X]` (and back).
+struct AttnView {
+    /// `[batch.., seq, dim]` from the op's layout.
+    perm: Vec<usize>,
+    /// The log-sum-exp's `[batch.., seq]` from its layout.
+    lse_perm: Vec<usize>,
+    /// The sizes of the batch-like dims, in order.
+    batch: Vec<i64>,
+    /// `N, H`: the batch-like dims grouped in two.
+    nh: [i64; 2],
+}
+
+impl AttnView {
+    fn new(o: &Attention, q: &Tensor) -> R<Self> {
+        let r = q.dim();
+        if r < 2 || o.seq_axis >= r || o.dim_axis >= r || o.seq_axis == o.dim_axis {
+            bail!(
+                "seq_axis {} and dim_axis {} do not fit a rank-{r} q",
+                o.seq_axis,
+                o.dim_axis
+            );
+        }
+        let perm = o.to_rows_perm(r);
+        let size = q.size();
+        let batch: Vec<i64> = perm[..r - 2].iter().map(|&d| size[d]).collect();
+        let nh = match batch.len() {
+            0 => [1, 1],
+            1 => [batch[0], 1],
+            n => [batch[..n - 1].iter().product(), batch[n - 1]],
+        };
+        Ok(AttnView {
+            lse_perm: o.lse_to_rows_perm(r),
+            perm,
+            batch,
+            nh,
+        })
+    }
+
+    /// `t` (in the op's layout) as `[N, H, L, X]`, last dim contiguous.
+    fn to4(&self, t: &Tensor) -> R<Tensor> {
+        let x = t.f_permute(i64s(&self.perm))?;
+        let size = x.size();
+        let r = size.len();
+        let x = x.f_reshape([self.nh[0], self.nh[1], size[r - 2], size[r - 1]])?;
+        Ok(if x.stride().last() == Some(&1) {
+            x
+        } else {
+            x.f_contiguous()?
+        })
+    }
+
+    /// `[N, H, L, X]` back to the op's layout.
+    fn from4(&self, t: &Tensor) -> R<Tensor> {
+        let size = t.size();
+        let mut shape = self.batch.clone();
+        shape.extend([size[2], size[3]]);
+        Ok(t.f_reshape(shape)?.f_permute(i64s(&inverse(&self.perm)))?)
+    }
+
+    /// The log-sum-exp (in its layout) as `[N, H, L]`.
+    fn lse_to3(&self, t: &Tensor) -> R<Tensor> {
+        let x = t.f_permute(i64s(&self.lse_perm))?;
+        let l = x.size().last().copied().unwrap_or(1);
+        Ok(x.f_reshape([self.nh[0], self.nh[1], l])?)
+    }
+
+    /// `[N, H, L]` back to the log-sum-exp's layout.
+    fn lse_from3(&self, t: &Tensor) -> R<Tensor> {
+        let mut shape = self.batch.clone();
+        shape.push(t.size()[2]);
+        Ok(t.f_reshape(shape)?
+            .f_permute(i64s(&inverse(&self.lse_perm)))?)
+    }
+}
+
+fn inverse(perm: &[usize]) -> Vec<usize> {
+    let mut inv = vec![0; perm.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p] = i;
+    }
+    inv
+}
+
+/// The key ranges the kernels run on: `(start, len, causal)`.
+type Pieces = Vec<(i64, i64, bool)>;
+
+/// The problem sizes, checked by the op, and the pieces of the key sequence (see the section
+/// comment) for this rank's block of queries.
+fn attn_pieces(
+    o: &Attention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    ctx: &LowerCtx<'_>,
+) -> R<(i64, i64, Pieces)> {
+    let (qt, kt, vt) = (tensor_type(q), tensor_type(k), tensor_type(v));
+    let (qt, kt, vt) = match (qt, kt, vt) {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        _ => bail!("q, k and v must have IR dtypes"),
+    };
+    let sz = o.check(&qt, &kt, &vt)?;
+    let (lq, lk) = (sz.lq as i64, sz.lk as i64);
+    if !o.causal {
+        return Ok((lq, lk, vec![(0, lk, false)]));
+    }
+    let s = o.seq_axis;
+    let Some(&offset) = ctx.input_offsets.first().and_then(|off| off.get(s)) else {
+        bail!("the context gives no offset of q's sequence axis");
+    };
+    let global_lq = ctx.global_in(0)?.shape.get(s).copied().unwrap_or(0) as i64;
+    let global_lk = ctx.global_in(1)?.shape.get(s).copied().unwrap_or(0) as i64;
+    if global_lk != lk {
+        bail!(
+            "the key sequence is split ({lk} of {global_lk} keys here): attention needs every key"
+        );
+    }
+    let shift = offset as i64 + lk - global_lq;
+    if shift < 0 || shift + lq > lk {
+        bail!(
+            "a block of {lq} queries at row {offset} of {global_lq} does not fit {lk} causal keys"
+        );
+    }
+    let mut pieces = vec![];
+    if shift > 0 {
+        pieces.push((0, shift, false));
+    }
+    if lq > 0 {
+        pieces.push((shift, lq, true));
+    }
+    Ok((lq, lk, pieces))
+}
+
+/// One kernel call on keys `[start, start + len)`: `(out [N,H,Lq,E], lse [N,H,Lq] in f32 / f64)`.
+fn attn_piece(
+    kernel: AttnKernel,
+    q4: &Tensor,
+    k4: &Tensor,
+    v4: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> R<(Tensor, Tensor)> {
+    let acc = acc_kind(q4.kind());
+    let (out, lse) = match kernel {
+        AttnKernel::CpuFlash => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
+            q4,
+            k4,
+            v4,
+            0.0,
+            causal,
+            None::<Tensor>,
+            scale,
+        )?,
+        AttnKernel::CudaEfficient => {
+            let (out, lse, _, _) = Tensor::f_internal_scaled_dot_product_efficient_attention(
+                q4,
+                k4,
+                v4,
+                None::<Tensor>,
+                true,
+                0.0,
+                causal,
+                scale,
+            )?;
+            // the kernel pads the log-sum-exp's rows to a multiple of 32
+            let lq = q4.size()[2];
+            (out, lse.f_narrow(2, 0, lq)?)
+        }
+        AttnKernel::Composed => {
+            let s = composed_scores(q4, k4, causal, 0, scale)?;
+            let lse = s.f_logsumexp([-1], false)?;
+            let p = s.f_sub(&lse.f_unsqueeze(-1)?)?.f_exp()?;
+            let out = p.f_matmul(&v4.f_to_kind(acc)?)?.f_to_kind(q4.kind())?;
+            (out, lse)
+        }
+    };
+    Ok((out, lse.f_to_kind(acc)?))
+}
+
+/// Scaled scores `[N,H,Lq,Lk]` in f32 / f64, `-inf` where query `i` may not see key `j`
+/// (`j > i + shift` under `causal`).
+fn composed_scores(q4: &Tensor, k4: &Tensor, causal: bool, shift: i64, scale: f64) -> R<Tensor> {
+    let acc = acc_kind(q4.kind());
+    let s = q4
+        .f_to_kind(acc)?
+        .f_matmul(&k4.f_to_kind(acc)?.f_transpose(-2, -1)?)?
+        .f_mul_scalar(scale)?;
+    if !causal {
+        return Ok(s);
+    }
+    let (lq, lk) = (q4.size()[2], k4.size()[2]);
+    let dev = q4.device();
+    let i = Tensor::f_arange(lq, (Kind::Int64, dev))?.f_view([lq, 1])?;
+    let j = Tensor::f_arange(lk, (Kind::Int64, dev))?.f_view([1, lk])?;
+    let hidden = j.f_gt_tensor(&i.f_add_scalar(shift)?)?;
+    Ok(s.f_masked_fill(&hidden, f64::NEG_INFINITY)?)
+}
+
+fn attention(
+    o: &Attention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    ctx: &LowerCtx<'_>,
+) -> R<Vec<Tensor>> {
+    let (_, _, pieces) = attn_pieces(o, q, k, v, ctx)?;
+    let view = AttnView::new(o, q)?;
+    let (q4, k4, v4) = (view.to4(q)?, view.to4(k)?, view.to4(v)?);
+    let kernel = attn_kernel(&q4, &v4);
+    let mut parts = vec![];
+    for &(start, len, causal) in &pieces {
+        let (kp, vp) = (k4.f_narrow(2, start, len)?, v4.f_narrow(2, start, len)?);
+        parts.push(attn_piece(kernel, &q4, &kp, &vp, causal, o.scale)?);
+    }
+    let (out, lse) = match parts.len() {
+        1 => parts.remove(0),
+        2 => {
+            let (o2, l2) = parts.remove(1);
+            let (o1, l1) = parts.remove(0);
+            let lse = l1.f_logaddexp(&l2)?;
+            let acc = l1.kind();
+            let w = |l: &Tensor| -> R<Tensor> { Ok(l.f_sub(&lse)?.f_exp()?.f_unsqueeze(-1)?) };
+            let out = o1
+                .f_to_kind(acc)?
+                .f_mul(&w(&l1)?)?
+                .f_add(&o2.f_to_kind(acc)?.f_mul(&w(&l2)?)?)?
+                .f_to_kind(q.kind())?;
+            (out, lse)
+        }
+        n => bail!("{n} pieces of keys: an empty query block?"),
+    };
+    Ok(vec![view.from4(&out)?, view.lse_from3(&lse)?])
+}
+
+fn attention_grad(o: &AttentionGrad, inputs: &[&Tensor], ctx: &LowerCtx<'_>) -> R<Vec<Tensor>> {
+    let (q, k, v, out, lse, dout, dlse) = match inputs {
+        [q, k, v, out, lse, dout] => (*q, *k, *v, *out, *lse, *dout, None),
+        [q, k, v, out, lse, dout, dlse] => (*q, *k, *v, *out, *lse, *dout, Some(*dlse)),
+        _ => bail!(
+            "takes 6 or 7 inputs (q, k, v, out, lse, dout[, dlse]), got {}",
+            inputs.len()
+        ),
+    };
+    let fwd = Attention {
+        seq_axis: o.seq_axis,
+        dim_axis: o.dim_axis,
+        causal: o.causal,
+        scale: o.scale,
+    };
+    let (lq, lk, pieces) = attn_pieces(&fwd, q, k, v, ctx)?;
+    let view = AttnView::new(&fwd, q)?;
+    let acc = acc_kind(q.kind());
+    let (q4, k4, v4) = (view.to4(q)?, view.to4(k)?, view.to4(v)?);
+    let (out4, dout4) = (view.to4(out)?, view.to4(dout)?);
+    // under bf16 mixed precision the executor hands the log-sum-exp back in bf16
+    let lse3 = view.lse_to3(lse)?.f_to_kind(acc)?;
+    let kind = q.kind();
+    let kernel = attn_kernel(&q4, &v4);
+    if dlse.is_some() || kernel == AttnKernel::Composed {
+        // one pass over all keys with the explicit mask
+        let shift = match pieces.as_slice() {
+            [.., (start, _, true)] => *start,
+            _ => 0,
+        };
+        let dlse3 = match dlse {
+            Some(t) => Some(view.lse_to3(t)?.f_to_kind(acc)?),
+            None => None,
+        };
+        let [dq, dk, dv] = composed_backward(
+            &q4,
+            &k4,
+            &v4,
+            &out4,
+            &lse3,
+            &dout4,
+            dlse3.as_ref(),
+            fwd.causal,
+            shift,
+            fwd.scale,
+        )?;
+        return Ok(vec![
+            view.from4(&dq.f_to_kind(kind)?)?,
+            view.from4(&dk.f_to_kind(kind)?)?,
+            view.from4(&dv.f_to_kind(kind)?)?,
+        ]);
+    }
+    let mut dq: Option<Tensor> = None;
+    let (mut dks, mut dvs) = (vec![], vec![]);
+    let mut end = 0;
+    for &(start, len, causal) in &pieces {
+        let (kp, vp) = (k4.f_narrow(2, start, len)?, v4.f_narrow(2, start, len)?);
+        let (dqp, dkp, dvp) = piece_backward(
+            kernel, &q4, &kp, &vp, &out4, &lse3, &dout4, causal, fwd.scale,
+        )?;
+        dq = Some(match dq {
+            None => dqp.f_to_kind(acc)?,
+            Some(d) => d.f_add(&dqp.f_to_kind(acc)?)?,
+        });
+        dks.push(dkp);
+        dvs.push(dvp);
+        end = start + len;
+    }
+    let Some(dq) = dq else {
+        bail!("no keys to differentiate against ({lq} queries, {lk} keys)");
+    };
+    // keys no query of this block sees get zero gradients
+    if end < lk {
+        for (list, x) in [(&mut dks, &k4), (&mut dvs, &v4)] {
+            let mut shape = x.size();
+            shape[2] = lk - end;
+            list.push(Tensor::f_zeros(shape, (kind, x.device()))?);
+        }
+    }
+    let dk = Tensor::f_cat(&dks, 2)?;
+    let dv = Tensor::f_cat(&dvs, 2)?;
+    Ok(vec![
+        view.from4(&dq.f_to_kind(kind)?)?,
+        view.from4(&dk)?,
+        view.from4(&dv)?,
+    ])
+}
+
+/// The gradients of one piece of keys from the merged output and log-sum-exp.
+#[allow(clippy::too_many_arguments)]
+fn piece_backward(
+    kernel: AttnKernel,
+    q4: &Tensor,
+    k4: &Tensor,
+    v4: &Tensor,
+    out4: &Tensor,
+    lse3: &Tensor,
+    dout4: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> R<(Tensor, Tensor, Tensor)> {
+    match kernel {
+        AttnKernel::CpuFlash => Ok(
+            Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
+                dout4,
+                q4,
+                k4,
+                v4,
+                out4,
+                lse3,
+                0.0,
+                causal,
+                None::<Tensor>,
+                scale,
+            )?,
+        ),
+        AttnKernel::CudaEfficient => {
+            // this kernel takes [N, L, H, D] and the log-sum-exp padded to a multiple of 32
+            // rows with +inf, as the forward leaves it. The operands are made contiguous in
+            // that layout: in bf16 the kernel reads `out` wrongly (NaNs, on an H100 with
+            // libtorch 2.11) when it is a transposed view, which it is when the forward's
+            // output was copied in another layout
+            let t = |x: &Tensor| x.f_transpose(1, 2)?.f_contiguous();
+            let size = q4.size();
+            let (lq, lk) = (size[2], k4.size()[2]);
+            let pad = (lq + 31) / 32 * 32 - lq;
+            let tail = Tensor::f_full(
+                [size[0], size[1], pad],
+                f64::INFINITY,
+                (Kind::Float, q4.device()),
+            )?;
+            let lse = Tensor::f_cat(&[lse3.f_to_kind(Kind::Float)?, tail], 2)?;
+            let none = Tensor::f_zeros([], (Kind::Int64, Device::Cpu))?;
+            let (dq, dk, dv, _) = Tensor::f_internal_efficient_attention_backward(
+                &t(dout4)?,
+                &t(q4)?,
+                &t(k4)?,
+                &t(v4)?,
+                None::<Tensor>,
+                &t(out4)?,
+                None::<Tensor>,
+                None::<Tensor>,
+                lq,
+                lk,
+                &lse,
+                0.0,
+                &none,
+                &none,
+                // sdp::CustomMaskType: 0 none, 1 causal from the top left
+                i64::from(causal),
+                false,
+                scale,
+                None::<i64>,
+                None::<i64>,
+                false,
+            )?;
+            let back = |x: &Tensor| x.f_transpose(1, 2);
+            Ok((back(&dq)?, back(&dk)?, back(&dv)?))
+        }
+        AttnKernel::Composed => {
+            let [dq, dk, dv] =
+                composed_backward(q4, k4, v4, out4, lse3, dout4, None, causal, 0, scale)?;
+            let kind = q4.kind();
+            Ok((
+                dq.f_to_kind(kind)?,
+                dk.f_to_kind(kind)?,
+                dv.f_to_kind(kind)?,
+            ))
+        }
+    }
+}
+
+/// The backward in matmuls (see `AttentionGrad`'s doc), in f32 / f64.
+#[allow(clippy::too_many_arguments)]
+fn composed_backward(
+    q4: &Tensor,
+    k4: &Tensor,
+    v4: &Tensor,
+    out4: &Tensor,
+    lse3: &Tensor,
+    dout4: &Tensor,
+    dlse3: Option<&Tensor>,
+    causal: bool,
+    shift: i64,
+    scale: f64,
+) -> R<[Tensor; 3]> {
+    let acc = acc_kind(q4.kind());
+    let up = |x: &Tensor| x.f_to_kind(acc);
+    let (q, k, v, out, dout) = (up(q4)?, up(k4)?, up(v4)?, up(out4)?, up(dout4)?);
+    let p = composed_scores(q4, k4, causal, shift, scale)?
+        .f_sub(&up(lse3)?.f_unsqueeze(-1)?)?
+        .f_exp()?;
+    let dv = p.f_transpose(-2, -1)?.f_matmul(&dout)?;
+    let dp = dout.f_matmul(&v.f_transpose(-2, -1)?)?;
+    let mut delta = dout
+        .f_mul(&out)?
+        .f_sum_dim_intlist(&[-1i64][..], false, acc)?;
+    if let Some(d) = dlse3 {
+        delta = delta.f_sub(&up(d)?)?;
+    }
+    let ds = p
+        .f_mul(&dp.f_sub(&delta.f_unsqueeze(-1)?)?)?
+        .f_mul_scalar(scale)?;
+    let dq = ds.f_matmul(&k)?;
+    let dk = ds.f_transpose(-2, -1)?.f_matmul(&q)?;
+    Ok([dq, dk, dv])
 }

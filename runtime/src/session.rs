@@ -42,6 +42,10 @@ pub struct StepReport {
     pub comm_seconds: f64,
     /// With `keep_grads`: every parameter's full gradient, by name, in update order.
     pub grads: Vec<NamedTensor>,
+    /// The most bytes any rank's computed values held at once ([`StepOutput::peak_bytes`]).
+    ///
+    /// [`StepOutput::peak_bytes`]: crate::exec::StepOutput::peak_bytes
+    pub peak_bytes: u64,
 }
 
 pub struct Session {
@@ -94,11 +98,12 @@ impl Session {
                 .step(&mut comm, feeds, keep_grads)
                 .map_err(|e| e.to_string())?;
             let grads: Vec<Vec<f32>> = out.grads.iter().map(to_f32).collect::<Result<_, _>>()?;
-            Ok((out.loss, grads, out.comm_seconds))
+            Ok((out.loss, grads, out.comm_seconds, out.peak_bytes))
         })?;
         let seconds = t0.elapsed().as_secs_f64();
         let loss = outs.first().map(|o| o.0).unwrap_or(f64::NAN);
         let comm_seconds = outs.iter().map(|o| o.2).fold(0.0, f64::max);
+        let peak_bytes = outs.iter().map(|o| o.3).max().unwrap_or(0);
         let mut grads = vec![];
         if keep_grads {
             for (k, u) in self.program.updates.iter().enumerate() {
@@ -111,6 +116,7 @@ impl Session {
             seconds,
             comm_seconds,
             grads,
+            peak_bytes,
         })
     }
 

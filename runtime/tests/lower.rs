@@ -86,12 +86,16 @@ fn rel_err(got: &RefTensor, want: &RefTensor) -> f64 {
 }
 
 fn assert_close(what: &str, got: &RefTensor, want: &RefTensor) {
+    assert_close_tol(what, got, want, 1e-5)
+}
+
+fn assert_close_tol(what: &str, got: &RefTensor, want: &RefTensor, tol: f64) {
     assert_eq!(got.dtype, want.dtype, "{what}: dtype");
     assert_eq!(got.shape, want.shape, "{what}: shape");
     if want.dtype.is_float() {
         let e = rel_err(got, want);
         assert!(
-            e <= 1e-5,
+            e <= tol,
             "{what}: relative error {e:e}\n got {:?}\nwant {:?}",
             got.data,
             want.data
@@ -115,9 +119,15 @@ fn check(op: Op, inputs: Vec<RefTensor>) {
     let refs: Vec<&Tensor> = ts.iter().collect();
     let got = lower_single(&op, &refs).unwrap_or_else(|e| panic!("{} lower: {e}", op.name()));
     assert_eq!(got.len(), want.len(), "{}: number of outputs", op.name());
+    // the attention backward recomputes probabilities in f32 and cancels in `dP - delta`
+    let tol = if matches!(op, Op::AttentionGrad(_)) {
+        1e-4
+    } else {
+        1e-5
+    };
     for (k, (g, w)) in got.iter().zip(&want).enumerate() {
         let g = from_tch(g).expect("from_tch");
-        assert_close(&format!("{} ({op:?}) output {k}", op.name()), &g, w);
+        assert_close_tol(&format!("{} ({op:?}) output {k}", op.name()), &g, w, tol);
     }
 }
 
@@ -675,6 +685,45 @@ fn cases() -> Vec<(Op, Vec<RefTensor>)> {
         .into(),
         vec![rnd(&[4, 5], 122), ints(&[4], &[4, 0, 1, 1])],
     ));
+    // attention: [B, S, H, D] with fewer queries than keys (two key pieces when causal) and
+    // a wider v, [B, H, S, D], rank 2 with the head dim first; the backward from the forward's
+    // output and log-sum-exp, and with a gradient into the log-sum-exp
+    let layouts: [(usize, usize, [&[usize]; 3]); 3] = [
+        (1, 3, [&[2, 3, 2, 4], &[2, 5, 2, 4], &[2, 5, 2, 6]]),
+        (2, 3, [&[2, 2, 4, 8], &[2, 2, 4, 8], &[2, 2, 4, 8]]),
+        (1, 0, [&[4, 5], &[4, 5], &[3, 5]]),
+    ];
+    for (i, (seq_axis, dim_axis, shapes)) in layouts.into_iter().enumerate() {
+        for causal in [false, true] {
+            let seed = 130 + 10 * i as u64;
+            let ins: Vec<RefTensor> = (0..3).map(|j| rnd(shapes[j], seed + j as u64)).collect();
+            let fwd = Attention {
+                seq_axis,
+                dim_axis,
+                causal,
+                scale: 0.6,
+            };
+            let outs = eval(&fwd.clone().into(), &ins);
+            c.push((fwd.into(), ins.clone()));
+            let grad = AttentionGrad {
+                seq_axis,
+                dim_axis,
+                causal,
+                scale: 0.6,
+            };
+            let mut gins = ins.clone();
+            gins.extend([
+                outs[0].clone(),
+                outs[1].clone(),
+                rnd(&outs[0].shape, seed + 5),
+            ]);
+            c.push((grad.clone().into(), gins.clone()));
+            if i == 0 {
+                gins.push(rnd(&outs[1].shape, seed + 6));
+                c.push((grad.into(), gins));
+            }
+        }
+    }
     // causal mask
     for (rows, cols) in [(3, 5), (4, 4), (4, 2)] {
         c.push((
@@ -983,6 +1032,51 @@ fn lower_sharded_batch_norm_uses_full_batch_statistics() {
 }
 
 #[test]
+fn lower_sharded_attention_offsets_the_causal_diagonal() {
+    setup();
+    // [S, H, D]: the halves split the query sequence, as sequence parallelism does; rank 1's
+    // rows see every key of rank 0's rows plus a causal square
+    for causal in [true, false] {
+        let fwd = Attention {
+            seq_axis: 0,
+            dim_axis: 2,
+            causal,
+            scale: 0.4,
+        };
+        let ins: Vec<RefTensor> = (0..3).map(|j| rnd(&[4, 2, 8], 240 + j)).collect();
+        let op: Op = fwd.into();
+        let want = eval(&op, &ins);
+        let [a, b] = run_split(&op, &ins, &[0], 0);
+        assert_close("attention out", &concat0(&a[0], &b[0]), &want[0]);
+        assert_close("attention lse", &concat0(&a[1], &b[1]), &want[1]);
+        let grad: Op = AttentionGrad {
+            seq_axis: 0,
+            dim_axis: 2,
+            causal,
+            scale: 0.4,
+        }
+        .into();
+        let mut gins = ins.clone();
+        gins.extend([want[0].clone(), want[1].clone(), rnd(&[4, 2, 8], 245)]);
+        let gwant = eval(&grad, &gins);
+        let [ga, gb] = run_split(&grad, &gins, &[0, 3, 4, 5], 0);
+        assert_close_tol("attention dq", &concat0(&ga[0], &gb[0]), &gwant[0], 1e-4);
+        assert_close_tol(
+            "attention dk partials",
+            &add(&ga[1], &gb[1]),
+            &gwant[1],
+            1e-4,
+        );
+        assert_close_tol(
+            "attention dv partials",
+            &add(&ga[2], &gb[2]),
+            &gwant[2],
+            1e-4,
+        );
+    }
+}
+
+#[test]
 fn lower_identity_sum_is_the_identity() {
     let t = Tensor::from_slice(&[1.0f32, 2.0]);
     let s = identity_sum(t.shallow_clone()).unwrap();
@@ -1038,6 +1132,28 @@ fn lower_half_precision_follows_the_reference_loosely() {
                 vec![x.clone(), ints(&[2, 4], &[1, 0, 2, 2, 0, 1, 1, 2])],
             ),
         ];
+        // attention: the flash kernel in half precision, its log-sum-exp in f32
+        let att = |causal| Attention {
+            seq_axis: 1,
+            dim_axis: 3,
+            causal,
+            scale: 0.35,
+        };
+        let qkv: Vec<RefTensor> = (0..3).map(|j| h(rnd(&[2, 6, 2, 8], 307 + j))).collect();
+        let mut cases = cases;
+        for causal in [false, true] {
+            let outs = eval(&att(causal).into(), &qkv);
+            cases.push((att(causal).into(), qkv.clone()));
+            let mut gins = qkv.clone();
+            gins.extend([outs[0].clone(), outs[1].clone(), h(rnd(&[2, 6, 2, 8], 310))]);
+            let grad = AttentionGrad {
+                seq_axis: 1,
+                dim_axis: 3,
+                causal,
+                scale: 0.35,
+            };
+            cases.push((grad.into(), gins));
+        }
         for (op, inputs) in cases {
             // the reference holds half values at f32 precision: round them as libtorch stores them
             let inputs: Vec<RefTensor> = inputs
@@ -1052,7 +1168,16 @@ fn lower_half_precision_follows_the_reference_loosely() {
                 let g = from_tch(g).unwrap();
                 assert_eq!((g.dtype, &g.shape), (w.dtype, &w.shape), "{}", op.name());
                 let e = rel_err(&g, w);
-                assert!(e < 2e-2, "{dtype} {} output {k}: error {e:e}", op.name());
+                // attention averages values that cancel: in bf16 (8 significant bits) the
+                // composed einsum / softmax / einsum chain is off by as much (4.6e-2 on the
+                // causal forward case here) as the fused kernels (up to 7.7e-2 backward)
+                let attention = matches!(op, Op::Attention(_) | Op::AttentionGrad(_));
+                let tol = if attention && dtype == DType::BF16 {
+                    1.5e-1
+                } else {
+                    2e-2
+                };
+                assert!(e < tol, "{dtype} {} output {k}: error {e:e}", op.name());
             }
         }
     }

@@ -5,9 +5,11 @@
 //! the last axes span the GPUs of one node (NVLink) as long as their product divides the GPUs
 //! per node; an axis that crosses nodes uses the inter-node network. Each axis gets an
 //! alpha-beta link (latency, bandwidth) from the cluster, so collectives over different axes
-//! cost differently.
+//! cost differently. Where the cluster was profiled (`autopar profile`) for the axis's group
+//! size and link kind, the link also carries the measured alpha-beta of each collective kind,
+//! which replaces the link's own for that kind.
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, CollectiveKind};
 use serde::{Deserialize, Serialize};
 
 /// Index of a mesh axis.
@@ -31,6 +33,81 @@ pub struct Link {
     pub alpha_s: f64,
     /// Bus bandwidth per device, bytes per second.
     pub bandwidth: f64,
+    /// Measured alpha-beta per collective kind (from the cluster's `collectives`), used
+    /// instead of `alpha_s` and `bandwidth * comm_efficiency` for that kind.
+    #[serde(default, skip_serializing_if = "LinkFits::is_empty")]
+    pub measured: LinkFits,
+}
+
+/// A measured latency and achieved bandwidth.
+#[derive(Copy, Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AlphaBeta {
+    /// Latency per ring step, seconds.
+    pub alpha_s: f64,
+    /// Achieved bus bandwidth per device, bytes per second.
+    pub bandwidth: f64,
+}
+
+/// Measured alpha-beta of each collective kind over one axis (none in presets).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkFits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all_reduce: Option<AlphaBeta>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all_gather: Option<AlphaBeta>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduce_scatter: Option<AlphaBeta>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all_to_all: Option<AlphaBeta>,
+}
+
+impl LinkFits {
+    pub fn get(&self, op: CollectiveKind) -> Option<AlphaBeta> {
+        match op {
+            CollectiveKind::AllReduce => self.all_reduce,
+            CollectiveKind::AllGather => self.all_gather,
+            CollectiveKind::ReduceScatter => self.reduce_scatter,
+            CollectiveKind::AllToAll => self.all_to_all,
+        }
+    }
+    pub fn set(&mut self, op: CollectiveKind, fit: Option<AlphaBeta>) {
+        match op {
+            CollectiveKind::AllReduce => self.all_reduce = fit,
+            CollectiveKind::AllGather => self.all_gather = fit,
+            CollectiveKind::ReduceScatter => self.reduce_scatter = fit,
+            CollectiveKind::AllToAll => self.all_to_all = fit,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        CollectiveKind::ALL.iter().all(|&op| self.get(op).is_none())
+    }
+    /// The cluster's fits for groups of `group_size` devices on `link`.
+    pub fn from_cluster(cluster: &Cluster, group_size: usize, link: LinkKind) -> LinkFits {
+        let mut fits = LinkFits::default();
+        for op in CollectiveKind::ALL {
+            fits.set(
+                op,
+                cluster
+                    .collective_fit(op, group_size, link)
+                    .map(|f| AlphaBeta {
+                        alpha_s: f.alpha_s,
+                        bandwidth: f.bandwidth,
+                    }),
+            );
+        }
+        fits
+    }
+}
+
+impl Link {
+    /// The latency and bandwidth `op` sees on this link: the measured fit when there is one
+    /// (its bandwidth already achieved), else `alpha_s` and `bandwidth * comm_efficiency`.
+    pub fn alpha_beta(&self, op: CollectiveKind, comm_efficiency: f64) -> (f64, f64) {
+        match self.measured.get(op) {
+            Some(f) => (f.alpha_s, f.bandwidth),
+            None => (self.alpha_s, self.bandwidth * comm_efficiency),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -73,6 +150,7 @@ impl Mesh {
 
     /// A mesh of `shape` on `cluster` with `gpus_per_node` GPUs per node: axes are assigned to
     /// NVLink from the last axis inward while they fit in a node, the rest to the network.
+    /// Each axis takes the cluster's measured fits for its size and link kind, if any.
     pub fn on_cluster(
         shape: Vec<usize>,
         cluster: &Cluster,
@@ -112,6 +190,7 @@ impl Mesh {
                 kind,
                 alpha_s,
                 bandwidth,
+                measured: LinkFits::from_cluster(cluster, n, kind),
             });
         }
         links.reverse();

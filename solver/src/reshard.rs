@@ -22,8 +22,10 @@
 //! split (minor first), slice into `to` in its axis order.
 //!
 //! # Cost (alpha-beta, ring collectives)
-//! Over axis `a` with link latency `alpha` and bandwidth `bw = link.bandwidth * comm_efficiency`,
-//! for a payload of `B` bytes per device (what nccl-tests calls its size):
+//! Over axis `a` with link latency `alpha` and bandwidth `bw = link.bandwidth * comm_efficiency`
+//! (or, where the cluster was profiled for the axis, the move's measured alpha and achieved
+//! bandwidth: [`Link::alpha_beta`]), for a payload of `B` bytes per device (what nccl-tests
+//! calls its size):
 //! - all-gather: `B` = the result per device; `(n-1) alpha + (n-1)/n B / bw`.
 //! - reduce-scatter: `B` = the input per device (before scattering); same form.
 //! - all-reduce: `B` = the buffer; `2(n-1) alpha + 2(n-1)/n B / bw` (reduce-scatter +
@@ -47,6 +49,7 @@
 //! 6 us per transition over every pair of specs of a 4-D tensor on a 2x2x2 mesh). [`Resharder`]
 //! memoizes results per (from, to, shape, element size) on one mesh.
 
+use crate::cluster::CollectiveKind;
 use crate::mesh::{Link, Mesh, MeshAxis};
 use crate::spec::ShardingSpec;
 use serde::{Deserialize, Serialize};
@@ -233,27 +236,37 @@ pub enum ReshardError {
     },
 }
 
+/// The collective kind a communicating move runs (`None` for a slice).
+fn kind_of(op: &Collective) -> Option<CollectiveKind> {
+    match op {
+        Collective::AllGather { .. } => Some(CollectiveKind::AllGather),
+        Collective::ReduceScatter { .. } => Some(CollectiveKind::ReduceScatter),
+        Collective::AllReduce { .. } => Some(CollectiveKind::AllReduce),
+        Collective::AllToAll { .. } => Some(CollectiveKind::AllToAll),
+        Collective::Slice { .. } => None,
+    }
+}
+
 /// Payload bytes and seconds of one move over an axis of `n` devices, given the bytes each
-/// device holds before it. The single pricing rule behind [`collective_cost`] and the search.
+/// device holds before it. The single pricing rule behind [`collective_cost`] and the search:
+/// [`CollectiveKind::seconds`] with the link's alpha-beta for the move's kind
+/// ([`Link::alpha_beta`]: a measured fit where the cluster was profiled).
 fn price(op: &Collective, n: usize, link: Option<&Link>, eff: f64, local_bytes: f64) -> (f64, f64) {
     if n <= 1 {
         return (0.0, 0.0);
     }
-    let (bytes, rounds) = match op {
-        Collective::Slice { .. } => return (0.0, SLICE_COST_S),
-        Collective::AllGather { .. } => (local_bytes * n as f64, 1.0),
-        Collective::ReduceScatter { .. } | Collective::AllToAll { .. } => (local_bytes, 1.0),
-        Collective::AllReduce { .. } => (local_bytes, 2.0),
+    let Some(kind) = kind_of(op) else {
+        return (0.0, SLICE_COST_S);
+    };
+    let bytes = match kind {
+        CollectiveKind::AllGather => local_bytes * n as f64,
+        _ => local_bytes,
     };
     let Some(link) = link else {
         return (bytes, f64::INFINITY);
     };
-    let n = n as f64;
-    let bw = link.bandwidth * eff;
-    (
-        bytes,
-        rounds * ((n - 1.0) * link.alpha_s + (n - 1.0) / n * bytes / bw),
-    )
+    let (alpha_s, bw) = link.alpha_beta(kind, eff);
+    (bytes, kind.seconds(n, alpha_s, bw, bytes))
 }
 
 /// The latency (alpha) part of `op`'s seconds on `mesh`: what batching several tensors into
@@ -262,15 +275,14 @@ pub fn latency_part(op: &Collective, mesh: &Mesh) -> f64 {
     let (Some(&n), Some(link)) = (mesh.shape.get(op.axis()), mesh.links.get(op.axis())) else {
         return 0.0;
     };
-    let rounds = match op {
-        Collective::Slice { .. } => return 0.0,
-        Collective::AllReduce { .. } => 2.0,
-        _ => 1.0,
+    let Some(kind) = kind_of(op) else {
+        return 0.0;
     };
     if n <= 1 {
         0.0
     } else {
-        rounds * (n as f64 - 1.0) * link.alpha_s
+        // the latency does not depend on the efficiency
+        kind.rounds() * (n as f64 - 1.0) * link.alpha_beta(kind, 1.0).0
     }
 }
 
@@ -443,6 +455,21 @@ fn check_mesh(mesh: &Mesh, eff: f64) -> Result<(), ReshardError> {
                 "axis {a} link latency {} is negative or not finite",
                 l.alpha_s
             ));
+        }
+        for k in CollectiveKind::ALL {
+            if let Some(f) = l.measured.get(k) {
+                if !(f.bandwidth.is_finite()
+                    && f.bandwidth > 0.0
+                    && f.alpha_s.is_finite()
+                    && f.alpha_s >= 0.0)
+                {
+                    return bad(format!(
+                        "axis {a} measured {k}: latency {} and bandwidth {} must be finite, \
+                         not negative and a positive bandwidth",
+                        f.alpha_s, f.bandwidth
+                    ));
+                }
+            }
         }
     }
     if !(eff > 0.0 && eff <= 1.0) {
@@ -661,15 +688,19 @@ impl<'a> Search<'a> {
         let min_bytes = total_elems * elem_bytes as f64 / mesh.num_devices() as f64;
         let mut lower = [0.0; MAX_MESH_AXES];
         for (a, l) in lower.iter_mut().enumerate().take(mesh.ndim()) {
-            // the cheapest collective: one ring pass of the smallest possible payload
-            *l = price(
-                &Collective::AllReduce { axis: a },
-                mesh.shape[a],
-                mesh.links.get(a),
-                eff,
-                min_bytes,
-            )
-            .1 / 2.0;
+            // the cheapest collective: one ring pass of the smallest possible payload, at the
+            // cheapest kind's alpha-beta (they differ where the link has measured fits)
+            *l = match (mesh.links.get(a), mesh.shape[a]) {
+                (_, n) if n <= 1 => 0.0,
+                (None, _) => f64::INFINITY,
+                (Some(link), n) => CollectiveKind::ALL
+                    .iter()
+                    .map(|&k| {
+                        let (alpha_s, bw) = link.alpha_beta(k, eff);
+                        CollectiveKind::round_seconds(n, alpha_s, bw, min_bytes)
+                    })
+                    .fold(f64::INFINITY, f64::min),
+            };
         }
         Search {
             shape,
@@ -880,6 +911,7 @@ mod tests {
                 kind: LinkKind::IntraNode,
                 alpha_s: 1e-6,
                 bandwidth: 1e9,
+                measured: Default::default(),
             })
             .collect();
         Mesh {

@@ -17,6 +17,7 @@ fn mesh(shape: &[usize]) -> Mesh {
             kind: LinkKind::IntraNode,
             alpha_s: 1e-6,
             bandwidth: 1e9,
+            measured: Default::default(),
         })
         .collect();
     Mesh {

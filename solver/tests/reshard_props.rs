@@ -19,12 +19,14 @@ fn mesh(shape: &[usize]) -> Mesh {
                     kind: LinkKind::InterNode,
                     alpha_s: 10e-6,
                     bandwidth: 50e9,
+                    measured: Default::default(),
                 }
             } else {
                 Link {
                     kind: LinkKind::IntraNode,
                     alpha_s: 5e-6,
                     bandwidth: 450e9,
+                    measured: Default::default(),
                 }
             }
         })

@@ -9,61 +9,24 @@
 
 use autopar_analyzer::graph::{ValueDef, WeightData};
 use autopar_analyzer::onnx::{ImportOptions, InputOverride};
+use autopar_analyzer::reference::{corpus_files, find_corpus, CorpusFile};
 use autopar_analyzer::{AnalyzerError, DType, Tensor};
 use autopar_torchscript::{import_torchscript, TorchScriptModel};
-use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 fn corpus_dir() -> Option<PathBuf> {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.ancestors()
-        .map(|a| a.join("shared").join("corpus"))
-        .find(|p| p.join("manifest.json").is_file())
+    find_corpus(Path::new(env!("CARGO_MANIFEST_DIR")))
 }
 
-struct Entry {
-    file: String,
-    graph_params: u64,
-    /// `(shape, dtype)` of the traced outputs.
-    outputs: Vec<(Vec<usize>, String)>,
-}
-
-fn jit_entries(dir: &Path) -> Vec<Entry> {
-    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json");
-    let manifest: Value = serde_json::from_str(&text).expect("manifest json");
-    let mut out = vec![];
-    for e in manifest.as_array().expect("manifest is a list") {
-        let outputs: Vec<(Vec<usize>, String)> = e["outputs"]
-            .as_array()
-            .map(|os| {
-                os.iter()
-                    .map(|o| {
-                        let shape = o["shape"]
-                            .as_array()
-                            .expect("shape")
-                            .iter()
-                            .map(|d| d.as_u64().expect("dim") as usize)
-                            .collect();
-                        (shape, o["dtype"].as_str().expect("dtype").to_string())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        for f in e["files"].as_array().into_iter().flatten() {
-            let file = f["file"].as_str().expect("file");
-            if !file.ends_with(".pt") || !dir.join(file).is_file() {
-                continue;
-            }
-            out.push(Entry {
-                file: file.to_string(),
-                graph_params: f["graph_params"].as_u64().expect("graph_params"),
-                outputs: outputs.clone(),
-            });
-        }
-    }
-    out
+/// The `.pt` files of the manifest that are present on disk.
+fn jit_entries(dir: &Path) -> Vec<CorpusFile> {
+    let files = corpus_files(dir).expect("manifest.json");
+    files
+        .into_iter()
+        .filter(|f| f.file.ends_with(".pt"))
+        .collect()
 }
 
 fn import(dir: &Path, file: &str) -> (TorchScriptModel, f64) {
@@ -89,7 +52,7 @@ fn every_corpus_archive_imports_with_manifest_params() {
         let (m, secs) = import(&dir, &e.file);
         let g = &m.graph;
         assert_eq!(g.outputs.len(), e.outputs.len(), "{}: outputs", e.file);
-        for (&v, (shape, dtype)) in g.outputs.iter().zip(&e.outputs) {
+        for (&v, (_, shape, dtype)) in g.outputs.iter().zip(&e.outputs) {
             let ty = g.ty(v);
             assert_eq!(&ty.shape, shape, "{}: output {}", e.file, g.value_label(v));
             let want = match dtype.as_str() {
@@ -122,7 +85,7 @@ fn every_corpus_archive_imports_with_manifest_params() {
         } else {
             assert!(absent > 0, "{}: stripped weights not absent", e.file);
         }
-        if e.outputs.len() == 2 && e.outputs[0].0.is_empty() {
+        if e.outputs.len() == 2 && e.outputs[0].1.is_empty() {
             let loss = m
                 .loss
                 .unwrap_or_else(|| panic!("{}: no loss found", e.file));

@@ -129,8 +129,14 @@ pub fn import_model(
     }
     let loss = loss.or(sce_loss);
 
-    let (g, map) = drop_unused_constants(b.finish());
-    let loss = loss.and_then(|v| map.get(v.0 as usize).copied().flatten());
+    // the exporters' decompositions become the ops TorchScript keeps whole, then the
+    // constants nothing reads any more (folded shape arithmetic, the rewritten formulas'
+    // scalars) go
+    let (g, rewritten) = super::patterns::normalize(b.finish());
+    let (g, compacted) = drop_unused_constants(g);
+    let loss = loss
+        .and_then(|v| rewritten.get(v.0 as usize).copied().flatten())
+        .and_then(|v| compacted.get(v.0 as usize).copied().flatten());
     crate::verify::debug_verify(&g)?;
     Ok(ImportedModel {
         graph: g,

@@ -19,6 +19,10 @@
 //!   a constant `NonZero` are evaluated here from the known types.
 //! - One file per ONNX op (or small family) under [`ops`], each naming the spec and opsets it
 //!   handles, and one dispatch table ([`ops::TABLE`]).
+//! - After lowering, the exporters' decompositions of ops a TorchScript graph keeps whole (GELU's
+//!   erf formula, `1 / sqrt`, attention's materialised `K^T`, scale and mask arithmetic) are
+//!   rewritten into the TorchScript importer's form ([`patterns`]), so both exports of one
+//!   model plan alike and the attention fusion sees one form.
 //! - Every failure is an error naming the ONNX node, its op type and the reason; nothing a
 //!   model file contains can make the importer panic.
 //!
@@ -32,6 +36,7 @@ pub mod compact;
 mod import;
 mod lower;
 pub mod ops;
+pub mod patterns;
 pub mod proto;
 mod weights;
 

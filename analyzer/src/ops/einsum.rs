@@ -173,6 +173,10 @@ impl OpSpec for Einsum {
     }
 }
 
+/// Letters [`GraphBuilder::numpy_matmul`](crate::builder::GraphBuilder::numpy_matmul) gives
+/// batch dims, in order (`m`, `k` and `n` name the matrix dims); also the most batch dims it takes.
+pub const MATMUL_BATCH_LETTERS: &[u8] = b"abcdefghijlopqrstuvwxyz";
+
 impl crate::builder::GraphBuilder {
     pub fn einsum(&mut self, equation: &str, operands: &[ValueId]) -> Result<ValueId, AnalyzerError> {
         self.node1(Einsum::new(equation), operands)
@@ -185,6 +189,65 @@ impl crate::builder::GraphBuilder {
         }
         let lead: String = (b'a'..).take(r - 1).map(|c| c as char).collect();
         self.einsum(&format!("{lead}y,yz->{lead}z"), &[x, w])
+    }
+    /// `a @ b` with numpy matmul semantics (ONNX `MatMul`, `torch.matmul`): rank-1 operands are
+    /// vectors, leading dims are batch dims that broadcast. A batch dim of size 1 facing a larger
+    /// one is reshaped away on its side (einsum letters must agree in size), so `[b,1,s,k] @
+    /// [h,k,n]` contracts without materialising the broadcast. One lowering for both importers.
+    pub fn numpy_matmul(&mut self, a: ValueId, b: ValueId) -> Result<ValueId, AnalyzerError> {
+        let sa = self.ty(a).shape.clone();
+        let sb = self.ty(b).shape.clone();
+        if sa.is_empty() || sb.is_empty() {
+            return Err(AnalyzerError::Other(format!("matmul of a 0-d operand ({sa:?} x {sb:?})")));
+        }
+        let (ra, rb) = (sa.len(), sb.len());
+        let a_batch = &sa[..ra.saturating_sub(2)];
+        let b_batch = &sb[..rb.saturating_sub(2)];
+        let nb = a_batch.len().max(b_batch.len());
+        if nb > MATMUL_BATCH_LETTERS.len() {
+            return Err(AnalyzerError::Other(format!("matmul with {nb} batch dims")));
+        }
+        let (mut al, mut bl, mut out) = (String::new(), String::new(), String::new());
+        let (mut a_shape, mut b_shape) = (Vec::new(), Vec::new());
+        for (i, &letter) in MATMUL_BATCH_LETTERS.iter().enumerate().take(nb) {
+            // dims aligned from the right
+            let da = (i + a_batch.len()).checked_sub(nb).map(|j| a_batch[j]);
+            let db = (i + b_batch.len()).checked_sub(nb).map(|j| b_batch[j]);
+            let size = match (da, db) {
+                (Some(x), Some(y)) if x == y => x,
+                (Some(1), Some(y)) => y,
+                (Some(x), Some(1)) | (Some(x), None) => x,
+                (None, Some(y)) => y,
+                _ => return Err(AnalyzerError::Other(format!("batch dims of {sa:?} and {sb:?} do not broadcast"))),
+            };
+            let letter = letter as char;
+            out.push(letter);
+            if da == Some(size) {
+                al.push(letter);
+                a_shape.push(size);
+            }
+            if db == Some(size) {
+                bl.push(letter);
+                b_shape.push(size);
+            }
+        }
+        if ra == 1 {
+            al.push('k');
+        } else {
+            al.push_str("mk");
+            out.push('m');
+        }
+        if rb == 1 {
+            bl.push('k');
+        } else {
+            bl.push_str("kn");
+            out.push('n');
+        }
+        a_shape.extend_from_slice(&sa[ra - ra.min(2)..]);
+        b_shape.extend_from_slice(&sb[rb - rb.min(2)..]);
+        let a = if a_shape == sa { a } else { self.node1(crate::ops::Reshape { shape: a_shape }, &[a])? };
+        let b = if b_shape == sb { b } else { self.node1(crate::ops::Reshape { shape: b_shape }, &[b])? };
+        self.einsum(&format!("{al},{bl}->{out}"), &[a, b])
     }
 }
 

@@ -375,4 +375,6 @@ op_list! {
     SoftmaxCrossEntropy => cross_entropy::SoftmaxCrossEntropy, "softmax_cross_entropy";
     SoftmaxCrossEntropyGrad => cross_entropy_grad::SoftmaxCrossEntropyGrad, "softmax_cross_entropy_grad";
     CausalMask => causal_mask::CausalMask, "causal_mask";
+    Attention => attention::Attention, "attention";
+    AttentionGrad => attention_grad::AttentionGrad, "attention_grad";
 }

@@ -1,17 +1,16 @@
 //! Contractions, all lowered to the IR `einsum` op: `linear`, `addmm`, `mm`, `bmm`, `matmul`
 //! (numpy semantics: broadcast batch dims, rank-1 operands as vectors) and `einsum`.
 //!
-//! A broadcast batch dim of size 1 is reshaped away on its side, so `[b,1,s,k] @ [h,k,n]`
-//! contracts without materialising the broadcast (as the ONNX importer's `MatMul` does).
+//! `matmul` is the analyzer's `GraphBuilder::numpy_matmul`, the lowering ONNX `MatMul` uses too:
+//! a broadcast batch dim of size 1 is reshaped away on its side, so `[b,1,s,k] @ [h,k,n]`
+//! contracts without materialising the broadcast.
 
 use super::elementwise::binary_op;
 use crate::lower::{bail, Cx, LResult, Operand, Priority, Val};
 use autopar_analyzer::ops::binary::BinaryKind;
+use autopar_analyzer::ops::einsum::MATMUL_BATCH_LETTERS;
 use autopar_analyzer::ops::Einsum;
 use autopar_analyzer::ValueId;
-
-/// Letters for batch dims (m, k and n name the matrix dims).
-const BATCH_LETTERS: &[u8] = b"abcdefghijlopqrstuvwxyz";
 
 fn tensor_operand(cx: &Cx<'_>, v: ValueId) -> Operand {
     Operand {
@@ -24,61 +23,10 @@ fn tensor_operand(cx: &Cx<'_>, v: ValueId) -> Operand {
     }
 }
 
-/// `a @ b` with numpy matmul semantics.
+/// `a @ b` with numpy matmul semantics (the analyzer's one lowering, shared with ONNX `MatMul`).
 pub fn matmul_values(cx: &mut Cx<'_>, a: ValueId, b: ValueId) -> LResult<ValueId> {
-    let sa = cx.shape(a);
-    let sb = cx.shape(b);
-    if sa.is_empty() || sb.is_empty() {
-        bail!("matmul of a 0-d tensor ({sa:?} x {sb:?})");
-    }
-    let (ra, rb) = (sa.len(), sb.len());
-    let a_batch = &sa[..ra.saturating_sub(2)];
-    let b_batch = &sb[..rb.saturating_sub(2)];
-    let nb = a_batch.len().max(b_batch.len());
-    if nb > BATCH_LETTERS.len() {
-        bail!("matmul with {nb} batch dims");
-    }
-    let (mut al, mut bl, mut out) = (String::new(), String::new(), String::new());
-    let (mut a_shape, mut b_shape) = (Vec::new(), Vec::new());
-    for (i, &letter) in BATCH_LETTERS.iter().enumerate().take(nb) {
-        let da = (i + a_batch.len()).checked_sub(nb).map(|j| a_batch[j]);
-        let db = (i + b_batch.len()).checked_sub(nb).map(|j| b_batch[j]);
-        let size = match (da, db) {
-            (Some(x), Some(y)) if x == y => x,
-            (Some(1), Some(y)) => y,
-            (Some(x), Some(1)) | (Some(x), None) => x,
-            (None, Some(y)) => y,
-            _ => bail!("batch dims of {sa:?} and {sb:?} do not broadcast"),
-        };
-        let letter = letter as char;
-        out.push(letter);
-        if da == Some(size) {
-            al.push(letter);
-            a_shape.push(size);
-        }
-        if db == Some(size) {
-            bl.push(letter);
-            b_shape.push(size);
-        }
-    }
-    if ra == 1 {
-        al.push('k');
-    } else {
-        al.push_str("mk");
-        out.push('m');
-    }
-    if rb == 1 {
-        bl.push('k');
-    } else {
-        bl.push_str("kn");
-        out.push('n');
-    }
-    a_shape.extend_from_slice(&sa[ra - ra.min(2)..]);
-    b_shape.extend_from_slice(&sb[rb - rb.min(2)..]);
-    let a = cx.reshape(a, a_shape)?;
-    let b = cx.reshape(b, b_shape)?;
     let (a, b) = same_dtype(cx, a, b)?;
-    cx.emit(Einsum::new(format!("{al},{bl}->{out}")), &[a, b])
+    Ok(cx.b.numpy_matmul(a, b)?)
 }
 
 fn same_dtype(cx: &mut Cx<'_>, a: ValueId, b: ValueId) -> LResult<(ValueId, ValueId)> {
@@ -113,13 +61,19 @@ pub fn linear(cx: &mut Cx<'_>) -> LResult<Vec<Val>> {
     let ws = cx.shape(w);
     let y = match (xs.len(), ws.len()) {
         (0, _) => bail!("linear of a 0-d input"),
-        (r, 2) if r - 1 <= BATCH_LETTERS.len() => {
-            let lead: String = BATCH_LETTERS[..r - 1].iter().map(|&c| c as char).collect();
+        (r, 2) if r - 1 <= MATMUL_BATCH_LETTERS.len() => {
+            let lead: String = MATMUL_BATCH_LETTERS[..r - 1]
+                .iter()
+                .map(|&c| c as char)
+                .collect();
             let (x, w) = same_dtype(cx, x, w)?;
             cx.emit(Einsum::new(format!("{lead}k,nk->{lead}n")), &[x, w])?
         }
-        (r, 1) if r - 1 <= BATCH_LETTERS.len() => {
-            let lead: String = BATCH_LETTERS[..r - 1].iter().map(|&c| c as char).collect();
+        (r, 1) if r - 1 <= MATMUL_BATCH_LETTERS.len() => {
+            let lead: String = MATMUL_BATCH_LETTERS[..r - 1]
+                .iter()
+                .map(|&c| c as char)
+                .collect();
             let (x, w) = same_dtype(cx, x, w)?;
             cx.emit(Einsum::new(format!("{lead}k,k->{lead}")), &[x, w])?
         }
