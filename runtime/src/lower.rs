@@ -18,7 +18,9 @@
 //! - `Dropout` draws its keep mask from *global* element indices
 //!   ([`dropout_keep`](autopar_analyzer::ops::dropout::dropout_keep)), so a sharded run drops
 //!   exactly the elements a single-device run drops. The hash runs on the tensor's device with
-//!   wrapping int64 arithmetic, so no mask crosses the host boundary.
+//!   wrapping int64 arithmetic, so no mask crosses the host boundary;
+//! - `Attention` and `AttentionGrad` on a block of the query sequence offset the causal diagonal
+//!   by the block's global start (see the attention section).
 //!
 //! Errors never panic: every libtorch call is a fallible `f_*` call, and inputs libtorch would
 //! not reject but `eval` does (out-of-range indices and labels, integer division by zero) are

@@ -249,9 +249,17 @@ pub(crate) fn attention_dims(
     }
 }
 
+fn transposed(t: &Tensor, perm: Vec<usize>) -> Result<Tensor, OpError> {
+    Transpose::new(perm)
+        .eval(&[t])?
+        .into_iter()
+        .next()
+        .ok_or_else(|| op_err!("transpose gave no output"))
+}
+
 /// `t` permuted by `perm` (its data in the permuted row-major order).
 pub(crate) fn permuted(t: &Tensor, perm: &[usize]) -> Result<Vec<f64>, OpError> {
-    Ok(Transpose::new(perm.to_vec()).eval(&[t])?.remove(0).data)
+    Ok(transposed(t, perm.to_vec())?.data)
 }
 
 /// Data laid out in `perm`'s order put back into the original layout of `shape`.
@@ -267,7 +275,7 @@ pub(crate) fn unpermuted(
         inverse[p] = i;
     }
     let t = Tensor::new(crate::dtype::DType::F64, pshape, data);
-    let back = Transpose::new(inverse).eval(&[&t])?.remove(0);
+    let back = transposed(&t, inverse)?;
     Ok(Tensor::new(dtype, shape.to_vec(), back.data))
 }
 
