@@ -1,18 +1,7 @@
 //! The `autopar` binary: `inspect` output and its errors.
 
-use std::process::Command;
-
-fn autopar(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_autopar"))
-        .args(args)
-        .output()
-        .expect("run autopar");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::autopar;
 
 #[test]
 fn inspect_json_has_the_documented_keys() {

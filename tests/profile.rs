@@ -1,18 +1,7 @@
 //! `autopar profile` end to end on the CPU: measure, write a cluster file, plan with it.
 
-use std::process::Command;
-
-fn autopar(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_autopar"))
-        .args(args)
-        .output()
-        .expect("run autopar");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::autopar;
 
 #[test]
 fn profile_on_cpu_then_plan_with_it() {

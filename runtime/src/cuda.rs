@@ -881,21 +881,21 @@ impl CudaRank {
 
 /// A barrier that a failing rank can break: waiters then return an error instead of waiting
 /// for a rank that will never come; the first failure is what every rank reports.
-struct FailBarrier {
+pub(crate) struct FailBarrier {
     state: Mutex<(usize, u64, Option<String>)>,
     cv: Condvar,
     n: usize,
 }
 
 impl FailBarrier {
-    fn new(n: usize) -> Self {
+    pub(crate) fn new(n: usize) -> Self {
         FailBarrier {
             state: Mutex::new((0, 0, None)),
             cv: Condvar::new(),
             n,
         }
     }
-    fn wait(&self) -> Result<(), String> {
+    pub(crate) fn wait(&self) -> Result<(), String> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = &st.2 {
             return Err(e.clone());
@@ -916,7 +916,7 @@ impl FailBarrier {
             _ => Ok(()),
         }
     }
-    fn fail(&self, why: &str) {
+    pub(crate) fn fail(&self, why: &str) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.2.get_or_insert_with(|| why.to_string());
         self.cv.notify_all();

@@ -492,43 +492,8 @@ fn cuda_device(ranks: usize) -> Result<(Device, String, usize), MeasureError> {
     Ok((Device::Cuda(0), name, gpus))
 }
 
-/// A barrier that a failing rank breaks, so that the others return instead of waiting for it.
 #[cfg(feature = "cuda")]
-struct FailBarrier {
-    state: std::sync::Mutex<(usize, u64, Option<String>)>,
-    cv: std::sync::Condvar,
-    n: usize,
-}
-
-#[cfg(feature = "cuda")]
-impl FailBarrier {
-    fn wait(&self) -> Result<(), String> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = &st.2 {
-            return Err(e.clone());
-        }
-        let generation = st.1;
-        st.0 += 1;
-        if st.0 == self.n {
-            st.0 = 0;
-            st.1 += 1;
-            self.cv.notify_all();
-            return Ok(());
-        }
-        while st.1 == generation && st.2.is_none() {
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-        match &st.2 {
-            Some(e) if st.1 == generation => Err(e.clone()),
-            _ => Ok(()),
-        }
-    }
-    fn fail(&self, why: &str) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.2.get_or_insert_with(|| why.to_string());
-        self.cv.notify_all();
-    }
-}
+use crate::cuda::FailBarrier;
 
 #[cfg(feature = "cuda")]
 struct CudaRank<'a> {
@@ -556,11 +521,7 @@ impl Rank for CudaRank<'_> {
 #[cfg(feature = "cuda")]
 fn cuda_collectives(opts: &MeasureOptions) -> Result<Vec<Raw>, MeasureError> {
     let ids = crate::cuda::NcclIds::new(&all_groups(opts.ranks)).map_err(MeasureError::Ranks)?;
-    let barrier = FailBarrier {
-        state: std::sync::Mutex::new((0, 0, None)),
-        cv: std::sync::Condvar::new(),
-        n: opts.ranks,
-    };
+    let barrier = FailBarrier::new(opts.ranks);
     let results: Vec<Result<Vec<Raw>, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..opts.ranks)
             .map(|rank| {
